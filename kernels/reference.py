@@ -1,0 +1,118 @@
+"""Pure-torch references for every kernel in rlpt_kernels, with the same signatures.
+
+They are the CPU backend (the trainer and the demo run on them without a GPU) and the oracle the
+Triton kernels are tested against. They follow TRL's GRPOTrainer formulas line by line and
+materialize full float32 logits: clear, not fast.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import GRPOLossConfig, check_logits, check_loss_inputs, check_rewards
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0,
+                   *, inplace_backward: bool = False) -> torch.Tensor:
+    """log_softmax(logits / temperature)[..., token_ids] in float32; ids < 0 give 0.
+
+    inplace_backward is accepted for signature parity and ignored here.
+    """
+    del inplace_backward
+    check_logits("token_logprobs", logits, token_ids)
+    logp = (logits.float() / temperature).log_softmax(-1)
+    ids = token_ids.clamp(min=0).unsqueeze(-1)
+    return logp.gather(-1, ids).squeeze(-1).masked_fill(token_ids < 0, 0.0)
+
+
+def token_logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor,
+                               token_ids: torch.Tensor, temperature: float = 1.0,
+                               *, chunk_size: int | None = None) -> torch.Tensor:
+    """token_logprobs(hidden @ weight.T, ...): hidden (..., H), weight (V, H)."""
+    del chunk_size
+    return token_logprobs(hidden @ weight.t(), token_ids, temperature)
+
+
+def grpo_loss(logits: torch.Tensor, token_ids: torch.Tensor, advantages: torch.Tensor,
+              mask: torch.Tensor, *, old_logp: torch.Tensor | None = None,
+              ref_logp: torch.Tensor | None = None, beta: float = 0.0, eps_low: float = 0.2,
+              eps_high: float = 0.2, temperature: float = 1.0, kl: str = "k3",
+              loss_type: str = "grpo", max_completion_length: int | None = None,
+              num_items_in_batch: float | None = None, inplace_backward: bool = False,
+              ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The GRPO loss of TRL's GRPOTrainer (token-level importance sampling, no delta clip)."""
+    del inplace_backward
+    cfg = GRPOLossConfig(beta, eps_low, eps_high, temperature, kl, loss_type,
+                         max_completion_length, num_items_in_batch)
+    check_loss_inputs("grpo_loss", token_ids, advantages, mask, old_logp, ref_logp)
+    logp = token_logprobs(logits, token_ids, temperature)
+    return _grpo_from_logp(logp, advantages, mask, old_logp, ref_logp, cfg)
+
+
+def grpo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, token_ids: torch.Tensor,
+                          advantages: torch.Tensor, mask: torch.Tensor, *, chunk_size=None,
+                          **kwargs) -> tuple[torch.Tensor, dict[str, float]]:
+    """grpo_loss(hidden @ weight.T, ...): hidden (B, T, H), weight (V, H)."""
+    del chunk_size
+    return grpo_loss(hidden @ weight.t(), token_ids, advantages, mask, **kwargs)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "group",
+                     eps: float = 1e-4) -> torch.Tensor:
+    """(r - group mean) / (std + eps); std unbiased, of the group or of the whole batch.
+
+    rewards (N,) with N a multiple of group_size; float32 out. A group whose rewards are all
+    equal gets exactly zero advantages.
+    """
+    check_rewards(rewards, group_size, scale)
+    r = rewards.float().view(-1, group_size)
+    centered = r - r.mean(-1, keepdim=True)
+    same = r.amax(-1, keepdim=True) == r.amin(-1, keepdim=True)
+    if scale == "group":
+        std = r.std(-1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])
+        centered = centered / (std + eps)
+    elif scale == "batch":
+        std = r.std() if r.numel() > 1 else torch.zeros((), device=r.device)
+        centered = centered / (std + eps)
+    return centered.masked_fill(same, 0.0).view(-1)
+
+
+def _grpo_from_logp(logp, advantages, mask, old_logp, ref_logp, cfg: GRPOLossConfig):
+    m = mask.bool()
+    # Masked positions may hold -inf log-probs or garbage ids: zero them before any exp.
+    logp = logp.masked_fill(~m, 0.0)
+    old = logp.detach() if old_logp is None else old_logp.float().masked_fill(~m, 0.0)
+    coef_1 = torch.exp(logp - old)
+    coef_2 = torch.clamp(coef_1, 1 - cfg.eps_low, 1 + cfg.eps_high)
+    adv = advantages.float().unsqueeze(1)
+    per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    per_token_kl = torch.zeros_like(logp)
+    if cfg.uses_kl(ref_logp):
+        d = ref_logp.float().masked_fill(~m, 0.0) - logp
+        if cfg.kl == "k3":
+            per_token_kl = torch.exp(d) - d - 1
+        elif cfg.kl == "k2":
+            per_token_kl = 0.5 * d * d
+        else:
+            per_token_kl = -d
+        per_token_loss = per_token_loss + cfg.beta * per_token_kl
+    mf = m.float()
+    loss = _aggregate(per_token_loss, mf, cfg)
+    clipped = ((coef_1 < 1 - cfg.eps_low) & (adv < 0)) | ((coef_1 > 1 + cfg.eps_high) & (adv > 0))
+    n = mf.sum().clamp(min=1.0)
+    stats = {
+        "kl": ((per_token_kl * mf).sum() / n).item(),
+        "clip_ratio": ((clipped.float() * mf).sum() / n).item(),
+    }
+    return loss, stats
+
+
+def _aggregate(per_token_loss, mf, cfg: GRPOLossConfig) -> torch.Tensor:
+    if cfg.loss_type == "grpo":
+        return ((per_token_loss * mf).sum(-1) / mf.sum(-1).clamp(min=1.0)).mean()
+    if cfg.loss_type == "bnpo":
+        return (per_token_loss * mf).sum() / mf.sum().clamp(min=1.0)
+    if cfg.loss_type == "dr_grpo":
+        length = cfg.max_completion_length or per_token_loss.size(1)
+        return (per_token_loss * mf).sum() / (per_token_loss.size(0) * length)
+    items = mf.sum() if cfg.num_items_in_batch is None else torch.tensor(cfg.num_items_in_batch)
+    return (per_token_loss * mf).sum() / items.clamp(min=1.0)
