@@ -1,0 +1,174 @@
+"""Continuous batching over the paged cache. Pure Python (no torch).
+
+Each step is either a prefill step or a decode step:
+- prefill: chunks of admitted-but-uncomputed sequences, at most `max_num_batched_tokens` tokens
+  in all; a long (multimodal) prompt is cut into chunks over several steps. Prefill goes first so
+  new prompts join the decode batch as early as possible.
+- decode: one token for each running sequence (at most `max_num_seqs`). When a sequence needs a
+  block and none is free, the most recently admitted sequence is preempted: its blocks are freed
+  and it goes back to the front of the queue with all its tokens, to be recomputed (prefilled)
+  when blocks free up. No sequence is ever dropped.
+
+After the step, `postprocess` appends the sampled tokens, forks a finished prompt into its n
+samples, and retires finished sequences.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from rlpt_fast.rollout.block_manager import BlockManager
+from rlpt_fast.rollout.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 4096
+    max_model_len: int = 4096
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SchedulerConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError("without chunked prefill, max_num_batched_tokens must be >= max_model_len "
+                             f"({self.max_num_batched_tokens} < {self.max_model_len})")
+
+
+@dataclass
+class Batch:
+    """One step's work. chunk_lens[i]: tokens of seqs[i] computed this step (1 in decode);
+    num_samples[i]: tokens to sample from its last position (0: prompt not done yet)."""
+    seqs: list[Sequence]
+    is_prefill: bool
+    chunk_lens: list[int]
+    num_samples: list[int]
+    copies: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.chunk_lens)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.blocks = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.prefilling: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        needed = -(-min(seq.stop.max_model_len, self.config.max_model_len) // self.blocks.block_size)
+        if needed > len(self.blocks.blocks):
+            raise ValueError(f"sequence {seq.seq_id} may grow to {needed} blocks but the cache has only "
+                             f"{len(self.blocks.blocks)}: raise num_blocks or lower max_model_len")
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def is_finished(self) -> bool:
+        return not (self.waiting or self.prefilling or self.running)
+
+    def _num_seq_slots(self) -> int:
+        return len(self.running) + sum(s.num_samples for s in self.prefilling)
+
+    def schedule(self) -> Batch:
+        batch = self._schedule_prefill()
+        if batch.seqs:
+            return batch
+        batch = self._schedule_decode()
+        if not batch.seqs:
+            raise RuntimeError("scheduler has work but could schedule nothing (cache too small?)")
+        return batch
+
+    def _schedule_prefill(self) -> Batch:
+        batch = Batch([], True, [], [])
+        budget = self.config.max_num_batched_tokens
+        for seq in self.prefilling:
+            if budget == 0:
+                break
+            budget -= self._add_chunk(batch, seq, budget)
+        while self.waiting and budget > 0:
+            seq = self.waiting[0]
+            if self._num_seq_slots() + seq.num_samples > self.config.max_num_seqs and self._num_seq_slots() > 0:
+                break
+            if not self.config.enable_chunked_prefill and seq.num_tokens > budget:
+                break
+            if not self.blocks.can_allocate(seq):
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq)
+            seq.status = SequenceStatus.PREFILLING
+            self.prefilling.append(seq)
+            budget -= self._add_chunk(batch, seq, budget)
+        return batch
+
+    def _add_chunk(self, batch: Batch, seq: Sequence, budget: int) -> int:
+        chunk = min(seq.num_uncomputed_tokens, budget)
+        batch.seqs.append(seq)
+        batch.chunk_lens.append(chunk)
+        batch.num_samples.append(seq.num_samples if chunk == seq.num_uncomputed_tokens else 0)
+        return chunk
+
+    def _schedule_decode(self) -> Batch:
+        batch = Batch([], False, [], [])
+        while self.running and len(batch.seqs) < self.config.max_num_seqs:
+            seq = self.running.popleft()
+            while not self.blocks.can_append(seq):
+                if self.running:
+                    self._preempt(self.running.pop())
+                else:
+                    self._preempt(seq)
+                    break
+            else:
+                batch.copies += self.blocks.append_slot(seq)
+                batch.seqs.append(seq)
+                batch.chunk_lens.append(1)
+                batch.num_samples.append(1)
+        self.running.extendleft(reversed(batch.seqs))
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def postprocess(self, batch: Batch, samples: list[list[tuple[int, float]]]) -> list[Sequence]:
+        """samples[i]: batch.num_samples[i] (token, logprob) pairs. Returns the finished sequences."""
+        finished = []
+        for seq, chunk, sampled in zip(batch.seqs, batch.chunk_lens, samples):
+            seq.num_cached_tokens += chunk
+            self.blocks.commit(seq)
+            if not sampled:
+                continue
+            if batch.is_prefill:
+                self.prefilling.remove(seq)
+                children = self._fork(seq, len(sampled))
+                self.running.extend(children)
+            else:
+                children = [seq]
+            for child, (token, logprob) in zip(children, sampled):
+                child.append(token, logprob)
+                if child.check_finished():
+                    finished.append(self._retire(child))
+        return finished
+
+    def _fork(self, seq: Sequence, n: int) -> list[Sequence]:
+        seq.status = SequenceStatus.RUNNING
+        if n == 1:
+            return [seq]
+        children = [seq.fork(i) for i in range(n)]
+        self.blocks.fork(seq, children)
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        return children
+
+    def _retire(self, seq: Sequence) -> Sequence:
+        self.blocks.free(seq)
+        self.running.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        return seq
