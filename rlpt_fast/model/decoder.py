@@ -1,0 +1,108 @@
+"""The Qwen2 decoder: RMSNorm, GQA attention with q/k/v bias and M-RoPE, SwiGLU MLP.
+
+Flat over tokens: hidden states are (N, H) for N concatenated tokens; the attention function
+passed to `forward_hidden` owns masking, KV caching and the GQA head mapping. Module and parameter
+names follow transformers 5 (`layers.{i}.self_attn.q_proj`, ...) so checkpoints and PEFT adapter
+keys line up, and every projection is an nn.Linear called as a module so LoRA can wrap it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import AttentionFn
+from .config import ModelConfig
+from .rope import apply_rotary, mrope_cos_sin
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), normalised in float32 then cast back (as transformers)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=True)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=True)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionFn,
+                layer_idx: int) -> torch.Tensor:
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        out = attn(layer_idx, apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v)  # (N, Hq, D)
+        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.self_attn = SelfAttention(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionFn) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, self.layer_idx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    """embed_tokens, layers, norm (transformers' `model.language_model`)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward_hidden(self, embeds: torch.Tensor, positions: torch.Tensor, attn: AttentionFn,
+                       gradient_checkpointing: bool = False) -> torch.Tensor:
+        """embeds (N, H), positions LongTensor (3, N) -> final-normed hidden (N, H), embeds' dtype.
+
+        With gradient_checkpointing each layer's activations are recomputed in backward (only the
+        layer inputs are kept), which needs the attention function to be deterministic.
+        """
+        if positions.shape != (3, embeds.shape[0]):
+            raise ValueError(f"positions must be (3, {embeds.shape[0]}), got {tuple(positions.shape)}")
+        cfg = self.cfg
+        cos, sin = mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, embeds.dtype)
+        x = embeds
+        for layer in self.layers:
+            if gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, attn, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, attn)
+        return self.norm(x)

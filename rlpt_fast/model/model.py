@@ -1,0 +1,137 @@
+"""QwenVLModel: the whole Qwen2-VL / Qwen2.5-VL model with flat (batch-free) entry points.
+
+Module tree (mirrors transformers 5, so checkpoint and PEFT keys line up):
+    model.visual            vision tower + merger (frozen by default)
+    model.language_model    embed_tokens, layers[i].{self_attn, mlp, norms}, norm
+    lm_head                 tied to embed_tokens when config.tie_word_embeddings
+
+A batch is a concatenation of sequences; who attends to whom is the attention function's business
+(see attention.py). Typical use for one sequence:
+    pos, delta = m.rope_positions(ids, grid)
+    h = m.forward_hidden(m.embed(ids, m.encode_images(px, grid)), pos, causal_attention(cu))
+    logits = m.compute_logits(h)
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from .attention import AttentionFn, causal_attention
+from .config import ModelConfig
+from .costs import ModelCosts
+from .decoder import TextModel
+from .rope import rope_positions
+from .vision import VisionTower
+
+
+class _Inner(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.visual = VisionTower(cfg.vision)
+        self.language_model = TextModel(cfg)
+
+
+class QwenVLModel(ModelCosts, nn.Module):
+    """See the module docstring. `image_cache_size` bounds the per-image embedding cache (LRU)."""
+
+    def __init__(self, config: ModelConfig, image_cache_size: int = 4096):
+        super().__init__()
+        self.config = config
+        self.model = _Inner(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.model.visual.requires_grad_(False)
+        self.gradient_checkpointing = False
+        self.image_cache_size = image_cache_size
+        self._image_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def tie_weights(self) -> None:
+        """Share lm_head.weight with embed_tokens.weight when the config ties them."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    # ---- inputs ---------------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (N,) -> (N, H); image-token rows replaced in order by image_embeds (M, H)."""
+        x = self.model.language_model.embed_tokens(input_ids)
+        is_image = input_ids == self.config.image_token_id
+        count = int(is_image.sum())
+        given = 0 if image_embeds is None else image_embeds.shape[0]
+        if count != given:
+            raise ValueError(f"input_ids hold {count} image tokens but image_embeds has {given} rows")
+        if count:
+            x = x.masked_scatter(is_image[:, None], image_embeds.to(x.dtype))
+        return x
+
+    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """pixel_values (P, patch_dim), image_grid_thw (I, 3) -> (P / merge^2, H) in model dtype.
+
+        With a frozen tower (the default) this runs under no_grad and each distinct image (by a
+        hash of its pixels and grid) is encoded once until clear_image_cache().
+        """
+        visual = self.model.visual
+        if any(p.requires_grad for p in visual.parameters()):
+            return visual(pixel_values.to(self.device), image_grid_thw)
+        sizes = image_grid_thw.prod(-1).tolist()
+        if sum(sizes) != pixel_values.shape[0]:
+            raise ValueError(f"pixel_values has {pixel_values.shape[0]} rows, image_grid_thw needs {sum(sizes)}")
+        parts = pixel_values.split(sizes)
+        keys = [_image_key(p, g) + (str(self.dtype),) for p, g in zip(parts, image_grid_thw.tolist())]
+        new = [k for k in dict.fromkeys(keys) if k not in self._image_cache]
+        if new:
+            idx = [keys.index(k) for k in new]
+            with torch.no_grad():
+                out = visual(torch.cat([parts[i] for i in idx]).to(self.device), image_grid_thw[idx])
+            merge = self.config.vision.spatial_merge_size ** 2
+            self._image_cache.update(zip(new, out.split([sizes[i] // merge for i in idx])))
+        for k in keys:
+            self._image_cache.move_to_end(k)
+        result = torch.cat([self._image_cache[k] for k in keys])
+        while len(self._image_cache) > self.image_cache_size:
+            self._image_cache.popitem(last=False)
+        return result
+
+    def clear_image_cache(self) -> None:
+        self._image_cache.clear()
+
+    def rope_positions(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None):
+        """(positions LongTensor (3, T), delta int) of one sequence; see rope.rope_positions."""
+        return rope_positions(input_ids, image_grid_thw, image_token_id=self.config.image_token_id,
+                              spatial_merge_size=self.config.vision.spatial_merge_size)
+
+    # ---- decoder --------------------------------------------------------------------------------
+    def forward_hidden(self, embeds: torch.Tensor, positions: torch.Tensor, attn: AttentionFn) -> torch.Tensor:
+        """embeds (N, H), positions (3, N), attn -> final-normed hidden states (N, H)."""
+        return self.model.language_model.forward_hidden(embeds, positions, attn, self.gradient_checkpointing)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (N, H) -> logits (N, V), hidden's dtype."""
+        return self.lm_head(hidden)
+
+    def logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+               image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+        """One sequence, dense causal attention: (T, V), logits[t] predicts token t+1."""
+        input_ids = input_ids.to(self.device)
+        image_embeds = None if pixel_values is None else self.encode_images(pixel_values, image_grid_thw)
+        positions, _ = self.rope_positions(input_ids, image_grid_thw)
+        cu = torch.tensor([0, input_ids.numel()])
+        hidden = self.forward_hidden(self.embed(input_ids, image_embeds), positions, causal_attention(cu))
+        return self.compute_logits(hidden)
+
+
+def _image_key(pixels: torch.Tensor, grid: list[int]) -> tuple:
+    """Content hash of one image's patches (bytes of the tensor), plus grid and dtype."""
+    data = pixels.detach().contiguous().cpu()
+    digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
+    return digest, tuple(grid), str(pixels.dtype)
