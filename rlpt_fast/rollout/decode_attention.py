@@ -1,0 +1,150 @@
+"""Decode attention: one new query token per sequence against its cached keys/values.
+
+    out[b, h] = softmax(scale * q[b, h] . K[b, :ctx_b, h // G]) @ V[b, :ctx_b, h // G]
+
+where G = Hq / Hkv query heads share one KV head (grouped-query attention) and K[b, t] lives in
+cache block block_tables[b, t // block_size] at offset t % block_size.
+
+A decode step reads every cached K/V once, so it is bandwidth-bound. The Triton kernel gives each
+(sequence, KV head) program all G query heads of that KV head, so each K/V tile is loaded once for
+the whole group; long contexts are split into `num_splits` ranges handled by separate programs
+(split-K, flash-decoding style) so that a small batch still fills the GPU, and a combine kernel
+merges the partial results by their log-sum-exp.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, context_lens: torch.Tensor,
+                               scale: float, num_splits: int = 1) -> torch.Tensor:
+    """q: (B, Hq, D); k_cache, v_cache: (num_blocks, block_size, Hkv, D); block_tables: (B, W) int32
+    (entries past a sequence's blocks are ignored); context_lens: (B,) int32, each >= 1.
+    Returns (B, Hq, D) in q's dtype, computed in float32. num_splits is ignored (same signature)."""
+    _check(q, k_cache, v_cache, block_tables, context_lens)
+    b, hq, d = q.shape
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    width = block_tables.shape[1] * bs
+    t = torch.arange(width, device=q.device)
+    slots = block_tables.long()[:, t // bs] * bs + t % bs                         # (B, W*bs)
+    valid = t[None, :] < context_lens[:, None].long()                             # (B, W*bs)
+    slots = torch.where(valid, slots, 0)
+    k = k_cache.reshape(-1, hkv, d)[slots].float().repeat_interleave(hq // hkv, 2)  # (B, T, Hq, D)
+    v = v_cache.reshape(-1, hkv, d)[slots].float().repeat_interleave(hq // hkv, 2)
+    v = torch.where(valid[:, :, None, None], v, 0.0)  # unused slots may hold anything, even NaN
+    s = torch.einsum("bhd,bthd->bht", q.float() * scale, k)
+    s = s.masked_fill(~valid[:, None, :], float("-inf"))
+    return torch.einsum("bht,bthd->bhd", s.softmax(-1), v).to(q.dtype)
+
+
+@triton.jit
+def _decode_split_kernel(Q, K, V, Tables, Lens, O, Lse, scale, tokens_per_split,
+                         stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_tb,
+                         stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2).to(tl.int64)
+    ctx = tl.load(Lens + b).to(tl.int64)
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, ctx)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    heads = kvh * GROUP + g
+    qmask = (g[:, None] < GROUP) & (d[None, :] < HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=qmask, other=0.0)
+    q = q.to(tl.float32) * scale                                                   # (G, D)
+    m = tl.full((BLOCK_G,), -1e30, tl.float32)  # finite, so exp(m_old - m_new) never sees inf - inf
+    l = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+    for t0 in range(start, end, BLOCK_N):
+        t = t0 + tl.arange(0, BLOCK_N)
+        valid = t < end
+        page = tl.load(Tables + b * stride_tb + t // PAGE, mask=valid, other=0).to(tl.int64)
+        rows = page * stride_kb + (t % PAGE) * stride_ks + kvh * stride_kh        # (N,)
+        kvmask = valid[:, None] & (d[None, :] < HEAD_DIM)
+        k = tl.load(K + rows[:, None] + d[None, :], mask=kvmask, other=0.0).to(tl.float32)
+        v = tl.load(V + rows[:, None] + d[None, :], mask=kvmask, other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k))                                                 # (G, N)
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p, v)
+        m = m_new
+    nonempty = l > 0
+    out = acc / tl.where(nonempty, l, 1.0)[:, None]
+    lse = tl.where(nonempty, m + tl.log(tl.where(nonempty, l, 1.0)), float("-inf"))
+    tl.store(O + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :], out, mask=qmask)
+    tl.store(Lse + b * stride_lb + heads * stride_lh + split, lse, mask=g < GROUP)
+
+
+@triton.jit
+def _decode_combine_kernel(O_part, Lse, Out, num_splits, stride_pb, stride_ph, stride_ps,
+                           stride_lb, stride_lh, stride_ob, stride_oh,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    lse = tl.load(Lse + b * stride_lb + h * stride_lh + s, mask=s < num_splits, other=float("-inf"))
+    w = tl.exp(lse - tl.max(lse, 0))                                   # empty splits weigh 0
+    o = tl.load(O_part + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :],
+                mask=(s[:, None] < num_splits) & (d[None, :] < HEAD_DIM), other=0.0)
+    out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(Out + b * stride_ob + h * stride_oh + d, out.to(Out.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, context_lens: torch.Tensor,
+                     scale: float, num_splits: int = 1, max_context: int | None = None) -> torch.Tensor:
+    """Triton version of `decode_attention_reference` (same arguments). max_context bounds every
+    context_lens entry (default: W * block_size, the block table's reach); the split length is
+    derived from it on the host, so no device value is read and the call is CUDA-graph safe."""
+    _check(q, k_cache, v_cache, block_tables, context_lens)
+    b, hq, d = q.shape
+    page, hkv = k_cache.shape[1], k_cache.shape[2]
+    assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    max_context = max_context or block_tables.shape[1] * page
+    block_n = 32
+    per_split = -(-max_context // num_splits)
+    per_split = -(-per_split // block_n) * block_n
+    o_part = torch.empty(b, hq, num_splits, d, device=q.device, dtype=torch.float32)
+    lse = torch.empty(b, hq, num_splits, device=q.device, dtype=torch.float32)
+    group = hq // hkv
+    _decode_split_kernel[(b, hkv, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, o_part, lse, scale, per_split,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), o_part.stride(0), o_part.stride(1), o_part.stride(2),
+        lse.stride(0), lse.stride(1),
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
+        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_N=block_n, PAGE=page)
+    out = torch.empty_like(q)
+    _decode_combine_kernel[(b, hq)](
+        o_part, lse, out, num_splits, o_part.stride(0), o_part.stride(1), o_part.stride(2),
+        lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
+        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
+    return out
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
+    """Enough (sequence, head, split) programs to fill the GPU twice, each split >= 256 tokens."""
+    want = -(-2 * num_sms // max(1, batch * num_kv_heads))
+    return max(1, min(want, max_context // 256, 32))
+
+
+def _check(q, k_cache, v_cache, block_tables, context_lens) -> None:
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"decode_attention: q must be (B, Hq, D) and caches (num_blocks, block_size, Hkv, D); "
+                         f"got q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
+    b, hq, d = q.shape
+    if k_cache.shape[3] != d or hq % k_cache.shape[2]:
+        raise ValueError(f"decode_attention: cache heads/dim {tuple(k_cache.shape[2:])} do not fit q heads/dim ({hq}, {d})")
+    if block_tables.dim() != 2 or block_tables.shape[0] != b or context_lens.shape != (b,):
+        raise ValueError(f"decode_attention: block_tables must be ({b}, W) and context_lens ({b},), got "
+                         f"{tuple(block_tables.shape)} and {tuple(context_lens.shape)}")

@@ -1,0 +1,119 @@
+"""Paged-cache kernels: Triton (interpreter on CPU, fp32, small shapes) against the torch
+references, and both against a dense float64 computation of attention from the raw K/V."""
+import pytest
+import torch
+
+from rlpt_fast.rollout.decode_attention import (choose_num_splits, decode_attention,
+                                                decode_attention_reference)
+from rlpt_fast.rollout.kv_store import store_kv, store_kv_reference
+from rlpt_fast.rollout.prefill_attention import PrefillMeta, prefill_attention
+
+
+def paged(context_lens, num_blocks, block_size, hkv, d, device, gen):
+    """Random K/V per sequence scattered into shuffled cache blocks; unused cache rows are NaN."""
+    k_cache = torch.full((num_blocks, block_size, hkv, d), float("nan"), device=device)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    width = max(-(-c // block_size) for c in context_lens)
+    tables = torch.zeros(len(context_lens), width, dtype=torch.int32)
+    dense = []
+    for b, c in enumerate(context_lens):
+        nb = -(-c // block_size)
+        tables[b, :nb] = torch.tensor([perm.pop() for _ in range(nb)], dtype=torch.int32)
+        k = torch.randn(c, hkv, d, generator=gen, dtype=torch.float64)
+        v = torch.randn(c, hkv, d, generator=gen, dtype=torch.float64)
+        t = torch.arange(c)
+        k_cache[tables[b, t // block_size].long(), t % block_size] = k.float().to(device)
+        v_cache[tables[b, t // block_size].long(), t % block_size] = v.float().to(device)
+        dense.append((k, v))
+    return k_cache, v_cache, tables.to(device), dense
+
+
+def dense_decode(q, dense, scale):
+    out = []
+    for b, (k, v) in enumerate(dense):
+        g = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+        s = torch.einsum("hd,thd->ht", q[b].double().cpu() * scale, k)
+        out.append(torch.einsum("ht,thd->hd", s.softmax(-1), v))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(4, 4, 16), (4, 2, 16), (8, 2, 32), (6, 2, 16)])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_attention_matches_reference_and_dense(hq, hkv, d, num_splits, device):
+    gen = torch.Generator().manual_seed(hq * 100 + d + num_splits)
+    lens = [1, 7, 40, 100]
+    k_cache, v_cache, tables, dense = paged(lens, 40, 8, hkv, d, device, gen)
+    q = torch.randn(len(lens), hq, d, generator=gen).to(device)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=device)
+    scale = d ** -0.5
+    want = dense_decode(q, dense, scale)
+    ref = decode_attention_reference(q, k_cache, v_cache, tables, ctx, scale)
+    tri = decode_attention(q, k_cache, v_cache, tables, ctx, scale, num_splits=num_splits)
+    torch.testing.assert_close(ref.double().cpu(), want, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(tri.double().cpu(), want, atol=2e-5, rtol=1e-5)
+
+
+def test_decode_attention_bf16_inputs_compute_in_fp32(device):
+    gen = torch.Generator().manual_seed(5)
+    lens = [33, 9]
+    k_cache, v_cache, tables, _ = paged(lens, 12, 8, 2, 16, device, gen)
+    k_cache, v_cache = k_cache.nan_to_num().bfloat16(), v_cache.nan_to_num().bfloat16()
+    q = torch.randn(2, 4, 16, generator=gen).to(device).bfloat16()
+    ctx = torch.tensor(lens, dtype=torch.int32, device=device)
+    ref = decode_attention_reference(q, k_cache, v_cache, tables, ctx, 0.25)
+    tri = decode_attention(q, k_cache, v_cache, tables, ctx, 0.25, num_splits=2)
+    assert tri.dtype == torch.bfloat16
+    torch.testing.assert_close(tri.float(), ref.float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("impl", [store_kv, store_kv_reference])
+def test_store_kv_writes_slots_and_skips_minus_one(impl, device):
+    gen = torch.Generator().manual_seed(0)
+    k_cache = torch.zeros(6, 4, 2, 16, device=device)
+    v_cache = torch.zeros_like(k_cache)
+    k = torch.randn(5, 2, 16, generator=gen).to(device)
+    v = torch.randn(5, 2, 16, generator=gen).to(device)
+    slots = torch.tensor([3, 17, -1, 0, 23], device=device)
+    impl(k, v, k_cache, v_cache, slots)
+    flat_k, flat_v = k_cache.view(-1, 2, 16), v_cache.view(-1, 2, 16)
+    for i, s in enumerate(slots.tolist()):
+        if s >= 0:
+            assert torch.equal(flat_k[s], k[i]) and torch.equal(flat_v[s], v[i])
+    written = {s for s in slots.tolist() if s >= 0}
+    untouched = [s for s in range(24) if s not in written]
+    assert flat_k[untouched].abs().sum() == 0 and flat_v[untouched].abs().sum() == 0
+
+
+def test_store_kv_rejects_wrong_dtype():
+    k = torch.zeros(2, 2, 16)
+    cache = torch.zeros(2, 4, 2, 16, dtype=torch.float16)
+    with pytest.raises(ValueError, match="dtype"):
+        store_kv_reference(k, k, cache, cache.clone(), torch.tensor([0, 1]))
+
+
+def test_prefill_attention_with_cached_prefix_matches_dense():
+    gen = torch.Generator().manual_seed(1)
+    hq, hkv, d, bs = 4, 2, 16, 4
+    lens, cached = [11, 6], [0, 3]  # second sequence: 3 tokens cached, 3 new
+    k_cache, v_cache, tables, dense = paged(lens, 10, bs, hkv, d, "cpu", gen)
+    new = [c - p for c, p in zip(lens, cached)]
+    q = torch.randn(sum(new), hq, d, generator=gen)
+    k = torch.cat([dk[p:].float() for (dk, _), p in zip(dense, cached)])
+    v = torch.cat([dv[p:].float() for (_, dv), p in zip(dense, cached)])
+    slots = [tables[i, torch.arange(c) // bs].long() * bs + torch.arange(c) % bs for i, c in enumerate(lens)]
+    meta = PrefillMeta(cu_q=[0, new[0], sum(new)], num_cached=cached, slots=slots)
+    out = prefill_attention(q, k, v, k_cache, v_cache, meta, d ** -0.5)
+    lo = 0
+    for (dk, dv), c, p in zip(dense, lens, cached):
+        for j in range(c - p):  # query j sees keys 0 .. p + j
+            want = dense_decode(q[lo + j][None], [(dk[:p + j + 1], dv[:p + j + 1])], d ** -0.5)[0]
+            torch.testing.assert_close(out[lo + j].double(), want, atol=2e-5, rtol=1e-5)
+        lo += c - p
+
+
+def test_choose_num_splits_fills_the_gpu_and_keeps_splits_long():
+    assert choose_num_splits(1, 8, 4096, 132) == 16
+    assert choose_num_splits(64, 2, 4096, 132) == 3
+    assert choose_num_splits(1, 8, 100, 132) == 1
