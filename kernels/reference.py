@@ -13,13 +13,15 @@ from .config import GRPOLossConfig, check_logits, check_loss_inputs, check_rewar
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0,
                    *, inplace_backward: bool = False) -> torch.Tensor:
-    """log_softmax(logits / temperature)[..., token_ids] in float32; ids < 0 give 0.
+    """log_softmax(logits / temperature)[..., token_ids] in float32 (float64 for float64 logits).
+
+    ids < 0 give 0.
 
     inplace_backward is accepted for signature parity and ignored here.
     """
     del inplace_backward
     check_logits("token_logprobs", logits, token_ids)
-    logp = (logits.float() / temperature).log_softmax(-1)
+    logp = (_wide(logits) / temperature).log_softmax(-1)
     ids = token_ids.clamp(min=0).unsqueeze(-1)
     return logp.gather(-1, ids).squeeze(-1).masked_fill(token_ids < 0, 0.0)
 
@@ -64,7 +66,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
     equal gets exactly zero advantages.
     """
     check_rewards(rewards, group_size, scale)
-    r = rewards.float().view(-1, group_size)
+    r = _wide(rewards).view(-1, group_size)
     centered = r - r.mean(-1, keepdim=True)
     same = r.amax(-1, keepdim=True) == r.amin(-1, keepdim=True)
     if scale == "group":
@@ -80,14 +82,14 @@ def _grpo_from_logp(logp, advantages, mask, old_logp, ref_logp, cfg: GRPOLossCon
     m = mask.bool()
     # Masked positions may hold -inf log-probs or garbage ids: zero them before any exp.
     logp = logp.masked_fill(~m, 0.0)
-    old = logp.detach() if old_logp is None else old_logp.float().masked_fill(~m, 0.0)
+    old = logp.detach() if old_logp is None else old_logp.to(logp.dtype).masked_fill(~m, 0.0)
     coef_1 = torch.exp(logp - old)
     coef_2 = torch.clamp(coef_1, 1 - cfg.eps_low, 1 + cfg.eps_high)
-    adv = advantages.float().unsqueeze(1)
+    adv = advantages.to(logp.dtype).unsqueeze(1)
     per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
     per_token_kl = torch.zeros_like(logp)
     if cfg.uses_kl(ref_logp):
-        d = ref_logp.float().masked_fill(~m, 0.0) - logp
+        d = ref_logp.to(logp.dtype).masked_fill(~m, 0.0) - logp
         if cfg.kl == "k3":
             per_token_kl = torch.exp(d) - d - 1
         elif cfg.kl == "k2":
@@ -95,15 +97,20 @@ def _grpo_from_logp(logp, advantages, mask, old_logp, ref_logp, cfg: GRPOLossCon
         else:
             per_token_kl = -d
         per_token_loss = per_token_loss + cfg.beta * per_token_kl
-    mf = m.float()
+    mf = m.to(logp.dtype)
     loss = _aggregate(per_token_loss, mf, cfg)
     clipped = ((coef_1 < 1 - cfg.eps_low) & (adv < 0)) | ((coef_1 > 1 + cfg.eps_high) & (adv > 0))
     n = mf.sum().clamp(min=1.0)
     stats = {
         "kl": ((per_token_kl * mf).sum() / n).item(),
-        "clip_ratio": ((clipped.float() * mf).sum() / n).item(),
+        "clip_ratio": ((clipped.to(mf.dtype) * mf).sum() / n).item(),
     }
     return loss, stats
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """At least float32: the reference never computes in half precision."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _aggregate(per_token_loss, mf, cfg: GRPOLossConfig) -> torch.Tensor:
@@ -114,5 +121,5 @@ def _aggregate(per_token_loss, mf, cfg: GRPOLossConfig) -> torch.Tensor:
     if cfg.loss_type == "dr_grpo":
         length = cfg.max_completion_length or per_token_loss.size(1)
         return (per_token_loss * mf).sum() / (per_token_loss.size(0) * length)
-    items = mf.sum() if cfg.num_items_in_batch is None else torch.tensor(cfg.num_items_in_batch)
+    items = mf.sum() if cfg.num_items_in_batch is None else mf.new_tensor(cfg.num_items_in_batch)
     return (per_token_loss * mf).sum() / items.clamp(min=1.0)
