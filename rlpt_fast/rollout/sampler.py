@@ -1,0 +1,94 @@
+"""Sampling the next token of every sequence in a batch, on the device, without host syncs.
+
+For each row: logits / temperature, then top-k (keep tokens whose logit is >= the k-th largest;
+ties at the threshold are kept) and top-p (keep the smallest head of the sorted distribution whose
+mass reaches p, again closed under ties), renormalize, draw. The reported log-prob is that of the
+drawn token under this final distribution. temperature 0 is greedy (argmax; the log-prob is then
+the plain log-softmax at temperature 1, no filters).
+
+The draw is by inverse CDF over the vocabulary in its natural order, with ONE uniform per row that
+is a hash of (seed, sample_index, position): counter-based, so a sequence draws the same token
+whatever it is batched with, whether the batch needed sorting, or whether it was preempted and
+recomputed. The hash uses 32-bit lanes in int64 tensors with multipliers < 2^31, so no product
+overflows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_M32 = 0xFFFFFFFF
+
+
+@dataclass
+class SamplingTensors:
+    """Per row (R,): temperature f32 (0 = greedy), top_k int64 (0 = off), top_p f32 (1 = off),
+    seed / sample_index / position int64 (the random stream key). `filtered` (host bool): some
+    sampled row uses top-k or top-p, so the batch needs a sort."""
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    seed: torch.Tensor
+    sample_index: torch.Tensor
+    position: torch.Tensor
+    filtered: bool
+
+    @classmethod
+    def from_rows(cls, rows: list[tuple[float, int, float, int, int, int]], device) -> "SamplingTensors":
+        """rows: (temperature, top_k, top_p, seed, sample_index, position) per row."""
+        cols = list(zip(*rows))
+        f = lambda c: torch.tensor(c, dtype=torch.float32).to(device, non_blocking=True)  # noqa: E731
+        i = lambda c: torch.tensor(c, dtype=torch.int64).to(device, non_blocking=True)  # noqa: E731
+        filtered = any(t > 0 and (k > 0 or p < 1.0) for t, k, p, *_ in rows)
+        return cls(f(cols[0]), i(cols[1]), f(cols[2]), i(cols[3]), i(cols[4]), i(cols[5]), filtered)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _M32
+    return x ^ (x >> 16)
+
+
+def uniform(seed: torch.Tensor, sample_index: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """(R,) int64 keys -> (R,) float64 uniforms in (0, 1), a pure function of the keys."""
+    x = _mix32(seed & _M32)
+    x = _mix32(x ^ ((seed >> 32) & _M32))
+    x = _mix32(x ^ (sample_index & _M32))
+    x = _mix32(x ^ (position & _M32))
+    return (_mix32(x ^ 0x5BD1E995).double() + 0.5) / 2.0**32
+
+
+def filter_logits(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """scaled (R, V) float32 -> same with filtered-out tokens at -inf (top-k first, then top-p)."""
+    v = scaled.shape[1]
+    srt = scaled.sort(dim=-1, descending=True).values                               # (R, V)
+    k = torch.where(top_k > 0, top_k.clamp(max=v), v)
+    kth = srt.gather(1, (k - 1)[:, None])                                            # (R, 1)
+    srt = srt.masked_fill(srt < kth, float("-inf"))
+    probs = srt.softmax(-1)
+    head_mass = probs.cumsum(-1) - probs      # mass strictly before each sorted token
+    keep = (head_mass < top_p[:, None]).sum(-1, keepdim=True)                        # >= 1
+    threshold = torch.maximum(kth, srt.gather(1, keep - 1))
+    return scaled.masked_fill(scaled < threshold, float("-inf"))
+
+
+def sample(logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (R, V) any float dtype -> (tokens (R,) int64, logprobs (R,) float32)."""
+    logits = logits.float()
+    greedy = st.temperature == 0
+    scaled = logits / torch.where(greedy, 1.0, st.temperature)[:, None]
+    if st.filtered:
+        scaled = filter_logits(scaled, torch.where(greedy, 0, st.top_k), torch.where(greedy, 1.0, st.top_p))
+    logp = scaled.log_softmax(-1)                                                    # (R, V)
+    cdf = logp.exp().cumsum(-1)
+    total = cdf[:, -1:]
+    u = uniform(st.seed, st.sample_index, st.position).float()[:, None]
+    # u < 1, but u * total may round up to total: stay strictly below it so a zero-mass tail
+    # token can never be picked.
+    x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    drawn = torch.searchsorted(cdf, x, right=True).squeeze(1).clamp(max=logits.shape[1] - 1)
+    tokens = torch.where(greedy, logits.argmax(-1), drawn)
+    return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
