@@ -1,0 +1,131 @@
+"""load_model: both key layouts, both config layouts, shards, ties, dtype; clear errors otherwise."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from rlpt_fast.model import CheckpointError, ConfigError, load_model
+from rlpt_fast.testing import write_tiny_checkpoint
+
+IDS = torch.tensor([1, 50, 60, 70, 80, 90, 100, 110])
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("base") / "ckpt", "qwen2_5_vl", seed=3)
+
+
+@pytest.fixture(scope="module")
+def base_logits(base):
+    with torch.no_grad():
+        return load_model(base).logits(IDS)
+
+
+def _copy(base, tmp_path):
+    return shutil.copytree(base, tmp_path / "copy")
+
+
+def _rewrite_weights(path, edit):
+    file = path / "model.safetensors"
+    state = load_file(file)
+    edit(state)
+    save_file(state, file, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("layout", [dict(key_layout="old"), dict(config_layout="nested"), dict(shards=3)])
+def test_layouts_load_to_the_same_model(tmp_path, base_logits, layout):
+    path = write_tiny_checkpoint(tmp_path / "c", "qwen2_5_vl", seed=3, **layout)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(path).logits(IDS), base_logits, atol=0, rtol=0)
+
+
+def test_tied_head_shares_the_embedding_and_matches_transformers(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    path = write_tiny_checkpoint(tmp_path / "t", "qwen2_vl", seed=4, tie_word_embeddings=True, key_layout="old")
+    model = load_model(path)
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    ref = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(IDS), ref(input_ids=IDS[None]).logits[0], atol=1e-4, rtol=0)
+
+
+def test_dtype_and_everything_materialised(base, base_logits):
+    model = load_model(base, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert not any(p.is_meta for p in model.parameters())
+    assert not model.model.visual.patch_embed.proj.weight.requires_grad  # vision frozen by default
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(IDS).float(), base_logits, atol=0.15, rtol=0.05)
+
+
+def test_missing_tensor(base, tmp_path):
+    path = _copy(base, tmp_path)
+    _rewrite_weights(path, lambda s: s.pop("model.language_model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing.*layers\.1\.mlp\.up_proj\.weight"):
+        load_model(path)
+
+
+def test_unexpected_tensor(base, tmp_path):
+    path = _copy(base, tmp_path)
+    _rewrite_weights(path, lambda s: s.update({"model.language_model.layers.0.extra.weight": torch.zeros(2)}))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'model\.language_model\.layers\.0\.extra\.weight'"):
+        load_model(path)
+
+
+def test_wrong_shape(base, tmp_path):
+    path = _copy(base, tmp_path)
+    _rewrite_weights(path, lambda s: s.update({"model.language_model.norm.weight": torch.ones(63)}))
+    with pytest.raises(CheckpointError, match=r"'model\.language_model\.norm\.weight' has shape \(63,\).*\(64,\)"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_file(base, tmp_path, damage):
+    path = _copy(base, tmp_path)
+    file = path / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x07" * 64 + data[64:])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_model(path)
+
+
+def test_sharded_index_with_a_missing_shard(tmp_path):
+    path = write_tiny_checkpoint(tmp_path / "s", "qwen2_vl", shards=2)
+    (path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors"):
+        load_model(path)
+
+
+def test_no_weights_at_all(base, tmp_path):
+    path = _copy(base, tmp_path)
+    (path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(architectures=["LlamaForCausalLM"], model_type="llama"), "unsupported architecture"),
+    (lambda c: c.update(use_sliding_window=True), "use_sliding_window"),
+    (lambda c: c["rope_scaling"].update(mrope_section=[2, 2, 2]), "mrope_section"),
+    (lambda c: c.update(num_key_value_heads=3), "num_key_value_heads"),
+])
+def test_bad_config(base, tmp_path, edit, message):
+    path = _copy(base, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    edit(config)
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=rf"config\.json: .*{message}"):
+        load_model(path)
+
+
+def test_code_in_the_directory_never_runs(base, tmp_path, base_logits):
+    path = _copy(base, tmp_path)
+    (path / "modeling_evil.py").write_text("raise SystemExit('remote code ran')\n")
+    config = json.loads((path / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_evil.Evil"}
+    (path / "config.json").write_text(json.dumps(config))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(path).logits(IDS), base_logits, atol=0, rtol=0)
