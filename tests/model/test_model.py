@@ -1,0 +1,101 @@
+"""Entry points beyond parity: embed, the image cache, attention helpers, checkpointing, costs."""
+import pytest
+import torch
+
+from rlpt_fast.model import causal_attention, load_model
+from rlpt_fast.model.attention import sdpa, segment_attention
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt):
+    return load_model(tiny_ckpt)
+
+
+def _pixels(model, grids, seed):
+    g = torch.Generator().manual_seed(seed)
+    rows = sum(t * h * w for t, h, w in grids)
+    return torch.randn(rows, model.config.vision.patch_dim, generator=g), torch.tensor(grids)
+
+
+def test_embed_replaces_image_rows_in_order(model):
+    img = model.config.image_token_id
+    ids = torch.tensor([1, img, img, 2, img])
+    fake = torch.arange(3 * model.config.hidden_size, dtype=torch.float32).view(3, -1)
+    out = model.embed(ids, fake)
+    torch.testing.assert_close(out[[1, 2, 4]], fake)
+    torch.testing.assert_close(out[[0, 3]], model.model.language_model.embed_tokens.weight[[1, 2]])
+    with pytest.raises(ValueError, match="3 image tokens but image_embeds has 2 rows"):
+        model.embed(ids, fake[:2])
+
+
+def test_image_cache_encodes_each_distinct_image_once(model, monkeypatch):
+    model.clear_image_cache()
+    px_a, grid_a = _pixels(model, [[1, 4, 6]], seed=1)
+    px_b, grid_b = _pixels(model, [[1, 8, 4]], seed=2)
+    with torch.no_grad():
+        direct = model.model.visual(torch.cat([px_a, px_b]), torch.cat([grid_a, grid_b]))
+    calls = []
+    real = model.model.visual.forward
+    monkeypatch.setattr(model.model.visual, "forward", lambda p, g: calls.append(g.tolist()) or real(p, g))
+    first = model.encode_images(torch.cat([px_a, px_b, px_a]), torch.cat([grid_a, grid_b, grid_a]))
+    again = model.encode_images(torch.cat([px_b, px_a]), torch.cat([grid_b, grid_a]))
+    assert calls == [[[1, 4, 6], [1, 8, 4]]]  # one tower call, the repeated image not re-encoded
+    assert not first.requires_grad
+    torch.testing.assert_close(first, torch.cat([direct, direct[:6]]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(again, torch.cat([direct[6:], direct[:6]]), atol=0, rtol=0)
+    model.clear_image_cache()
+    model.encode_images(px_a, grid_a)
+    assert len(calls) == 2
+
+
+def test_causal_attention_keeps_sequences_apart():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(9, h, 8, generator=g) for h in (4, 2, 2))
+    out = causal_attention(torch.tensor([0, 4, 4, 9]))(0, q, k, v)
+    for a, b in [(0, 4), (4, 9)]:
+        kk, vv = (t[a:b].repeat_interleave(2, dim=1) for t in (k, v))
+        scores = torch.einsum("qhd,khd->hqk", q[a:b], kk) / 8**0.5
+        scores = scores.masked_fill(torch.ones(b - a, b - a).triu(1).bool(), float("-inf"))
+        expected = torch.einsum("hqk,khd->qhd", scores.softmax(-1), vv)
+        torch.testing.assert_close(out[a:b], expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("bounds", [[0, 4, 8, 12], [0, 3, 10, 11, 16]])
+def test_segment_attention_equals_one_call_per_segment(bounds):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(bounds[-1], 2, 8, generator=g) for _ in range(3))
+    out = segment_attention(q, k, v, torch.tensor(bounds))
+    expected = torch.cat([sdpa(q[a:b], k[a:b], v[a:b], causal=False) for a, b in zip(bounds, bounds[1:])])
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_ckpt):
+    model = load_model(tiny_ckpt)
+    ids = torch.tensor([3, 17, 42, 99, 7, 250, 12])
+    pos, _ = model.rope_positions(ids)
+    attn = causal_attention(torch.tensor([0, 3, 7]))
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = ckpt
+        model.compute_logits(model.forward_hidden(model.embed(ids), pos, attn)).logsumexp(-1).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and "model.language_model.layers.0.self_attn.q_proj.weight" in grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=0)
+
+
+def test_costs_match_a_hand_count(model):
+    # tiny config: hidden 64, inner 128, 2 layers, 4 heads of 16, 2 kv heads, vocab 448, fp32
+    cfg = model.config
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_attention_heads,
+            cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size) == (64, 128, 2, 4, 2, 16, 448)
+    per_layer = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 128  # q k v o, gate up down
+    matmul = 2 * per_layer + 64 * 448  # + lm_head
+    assert model.flops_per_token(context=100, training=False) == 2 * matmul + 4 * 2 * 4 * 16 * 100
+    assert model.flops_per_token(context=100, training=True) == 3 * (2 * matmul + 4 * 2 * 4 * 16 * 100)
+    assert model.kv_bytes_per_token() == 2 * 2 * 2 * 16 * 4
+    biases_norms = 2 * (64 + 32 + 32 + 64 + 64) + 64  # q/k/v biases, two norms per layer, final norm
+    assert model.weight_bytes() == 4 * (matmul + 448 * 64 + biases_norms)  # + embedding
+    vision = sum(p.numel() for p in model.model.visual.parameters())
+    assert model.vision_weight_bytes() == 4 * vision > 0
