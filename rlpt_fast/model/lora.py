@@ -22,6 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .loader import canonical_key  # released (transformers-4) key layout -> ours
+
 PEFT_PREFIX = "base_model.model."
 _DEFAULT_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 
@@ -223,16 +225,6 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_path: str | P
     return out
 
 
-def _old_to_new(key: str) -> str:
-    """Keys from the transformers-4 layout (`model.layers.*`, `visual.*`) in our (v5) layout."""
-    for old, new in (("model.layers.", "model.language_model.layers."),
-                     ("model.embed_tokens.", "model.language_model.embed_tokens."),
-                     ("model.norm.", "model.language_model.norm."), ("visual.", "model.visual.")):
-        if key.startswith(old):
-            return new + key[len(old):]
-    return key
-
-
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     """Loads a peft LoRA adapter directory into `model` (applying LoRA first if it has none)."""
     d = Path(adapter_dir)
@@ -250,7 +242,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     layers = dict(lora_layers(model))
     loaded = set()
     for key, value in tensors.items():
-        name, _, param = _old_to_new(key.removeprefix(PEFT_PREFIX)).rpartition(".lora_")
+        name, _, param = canonical_key(key.removeprefix(PEFT_PREFIX)).rpartition(".lora_")
         if not param:  # a saved embedding base layer: frozen, identical to ours
             continue
         if name not in layers or param not in ("A.weight", "B.weight"):
@@ -326,7 +318,7 @@ def save_merged(model: nn.Module, base_checkpoint_dir: str | Path, out_dir: str 
     untie = "lm_head" in dict(lora_layers(model)) and "lm_head.weight" not in keys
     tensors, seen = {}, set()
     for key in keys + (["lm_head.weight"] if untie else []):
-        name = _old_to_new(key)
+        name = canonical_key(key)
         if name not in ours:
             raise KeyError(f"{src}: checkpoint tensor {key!r} has no counterpart {name!r} in the model")
         t = ours[name].contiguous().cpu()

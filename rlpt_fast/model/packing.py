@@ -20,12 +20,11 @@ kernel); SDPA with a dense boolean mask per sequence elsewhere (FlexAttention ha
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+from .attention import AttentionFn
 
 
 @dataclass
@@ -175,7 +174,9 @@ def _flex_kernel(device_type: str):
     if device_type != "cuda":
         return flex_attention
     if _COMPILED_FLEX is None:
-        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=True)
+        # default dynamism: static for the first shape, symbolic once a second shape shows up,
+        # so batches of varying length do not recompile each time
+        _COMPILED_FLEX = torch.compile(flex_attention)
     return _COMPILED_FLEX
 
 
@@ -193,6 +194,13 @@ def _flex_attention(packed: PackedBatch) -> AttentionFn:
                    block_mask=block_mask, enable_gqa=True)  # (1, Hq, N, D)
         return o[0].transpose(0, 1)
     return attn
+
+
+def pad_completions(flat: torch.Tensor, lengths: list[int], value: float = 0) -> torch.Tensor:
+    """(C, ...) in completion order -> (B, Lmax, ...) padded with `value` (differentiable), the
+    layout of rlpt_kernels.grpo_loss_from_hidden; B = len(lengths). The mask is
+    `pad_completions(torch.ones(C, dtype=torch.bool), lengths, False)`."""
+    return torch.nn.utils.rnn.pad_sequence(list(flat.split(lengths)), batch_first=True, padding_value=value)
 
 
 def _image_embeds(model, group: Group) -> torch.Tensor | None:

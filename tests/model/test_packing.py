@@ -99,3 +99,101 @@ def test_attention_matches_brute_force(backend):
         q, k, v = q.float(), k.float(), v.float()
     out = packed_attention(packed, backend)(0, q, k, v)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- against the real model
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from rlpt_fast import load_model
+    from rlpt_fast.testing import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path_factory.mktemp("pack"), "qwen2_5_vl", seed=0)
+    return load_model(path, dtype=torch.float32).eval()
+
+
+def _model_groups(model) -> list[Group]:
+    """A text prompt and a prompt with two images; completions of lengths 1 to 9."""
+    cfg, gen = model.config, torch.Generator().manual_seed(3)
+    text = lambda n: torch.randint(0, 300, (n,), generator=gen)  # noqa: E731
+    image = lambda t, h, w: [torch.tensor([cfg.vision_start_token_id]),  # noqa: E731
+                             torch.full((t * h * w // 4,), cfg.image_token_id), torch.tensor([cfg.vision_end_token_id])]
+    grids = torch.tensor([[1, 4, 6], [1, 6, 4]])
+    prompt = torch.cat([text(3), *image(1, 4, 6), text(2), *image(1, 6, 4), text(4)])
+    pixels = torch.randn(int(grids.prod(-1).sum()), cfg.vision.patch_dim, generator=gen)
+    return [Group(text(9), [text(5), text(1), text(8)]),
+            Group(prompt, [text(3), text(9), text(2), text(6)], pixel_values=pixels, image_grid_thw=grids)]
+
+
+def _packed_logprobs(model, groups, share_prompt=True):
+    from rlpt_fast.model.packing import packed_forward
+
+    hidden, packed = packed_forward(model, groups, share_prompt=share_prompt)
+    logp = torch.log_softmax(model.compute_logits(hidden), -1)
+    return logp.gather(-1, packed.target_ids[:, None])[:, 0]
+
+
+def _separate_logprobs(model, groups):
+    """G separate forwards of [prompt; completion] through model.logits (dense causal)."""
+    out = []
+    for g in groups:
+        p = g.prompt_ids.numel()
+        for c in g.completions:
+            logits = model.logits(torch.cat([g.prompt_ids, c]), g.pixel_values, g.image_grid_thw)
+            out.append(torch.log_softmax(logits[p - 1:-1], -1).gather(-1, c[:, None])[:, 0])
+    return torch.cat(out)
+
+
+def test_packed_logprobs_equal_separate_forwards(model):
+    groups = _model_groups(model)
+    with torch.no_grad():
+        expected = _separate_logprobs(model, groups)
+        packed = _packed_logprobs(model, groups)
+        unshared = _packed_logprobs(model, groups, share_prompt=False)
+    torch.testing.assert_close(packed, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(unshared, expected, rtol=0, atol=1e-5)
+
+
+def _grads(model, logprobs_fn, groups, weights):
+    loss = (logprobs_fn(model, groups) * weights).sum()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    grads = torch.autograd.grad(loss, list(params.values()))
+    return dict(zip(params, grads))
+
+
+def _assert_same_grads(model, groups):
+    weights = torch.randn(sum(c.numel() for g in groups for c in g.completions),
+                          generator=torch.Generator().manual_seed(4))
+    expected = _grads(model, _separate_logprobs, groups, weights)
+    model.gradient_checkpointing = True  # packed with per-block recomputation: still exact
+    try:
+        got = _grads(model, _packed_logprobs, groups, weights)
+    finally:
+        model.gradient_checkpointing = False
+    assert expected.keys() == got.keys() and len(got) > 0
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+    return got
+
+
+def test_packed_gradients_of_lora_equal_separate_forwards(model):
+    from rlpt_fast.model.lora import LoRAConfig, apply_lora, lora_layers
+
+    import copy
+    m = copy.deepcopy(model)
+    apply_lora(m, LoRAConfig(r=4, alpha=8, dropout=0.0))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # B = 0 at init would make every gradient of A vanish
+        for _, layer in lora_layers(m):
+            layer.lora_B.weight.copy_(0.1 * torch.randn(layer.lora_B.weight.shape, generator=gen))
+    got = _assert_same_grads(m, _model_groups(m))
+    assert all(".lora_" in n for n in got) and len(got) == 2 * 15
+
+
+def test_packed_gradients_of_full_weights_equal_separate_forwards(model):
+    import copy
+    m = copy.deepcopy(model)
+    m.model.language_model.requires_grad_(True)
+    m.lm_head.requires_grad_(True)
+    got = _assert_same_grads(m, _model_groups(m))
+    assert "model.language_model.layers.0.self_attn.q_proj.weight" in got
