@@ -242,8 +242,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     layers = dict(lora_layers(model))
     loaded = set()
     for key, value in tensors.items():
-        name, _, param = canonical_key(key.removeprefix(PEFT_PREFIX)).rpartition(".lora_")
-        if not param:  # a saved embedding base layer: frozen, identical to ours
+        name, sep, param = canonical_key(key.removeprefix(PEFT_PREFIX)).rpartition(".lora_")
+        if not sep and key.endswith(".base_layer.weight"):  # peft's copy of a frozen head: ours already
             continue
         if name not in layers or param not in ("A.weight", "B.weight"):
             raise ValueError(f"{d}: tensor {key!r} matches no LoRA layer of the model")

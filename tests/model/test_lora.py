@@ -142,3 +142,113 @@ def test_merge_folds_adapter_and_leaves_tied_embeddings_alone(tie):
     assert type(model.lm_head) is nn.Linear
     torch.testing.assert_close(model(ids), expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(model.model.language_model.embed_tokens.weight, embed)
+
+
+# ---------------------------------------------------------------- our model, peft, transformers
+
+CASES = [("qwen2_5_vl", False), ("qwen2_vl", True)]  # both architectures, untied and tied heads
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{a}-{'tied' if t else 'untied'}" for a, t in CASES])
+def ckpt(request, tmp_path_factory):
+    from rlpt_fast.testing import write_tiny_checkpoint
+
+    arch, tie = request.param
+    return write_tiny_checkpoint(tmp_path_factory.mktemp(arch), arch, seed=1, tie_word_embeddings=tie)
+
+
+def _inputs(model):
+    """A prompt with one image: token ids (T,), pixel_values, image_grid_thw."""
+    cfg, gen = model.config, torch.Generator().manual_seed(7)
+    grid = torch.tensor([[1, 4, 6]])
+    ids = torch.cat([torch.randint(0, 300, (5,), generator=gen), torch.tensor([cfg.vision_start_token_id]),
+                     torch.full((6,), cfg.image_token_id), torch.tensor([cfg.vision_end_token_id]),
+                     torch.randint(0, 300, (7,), generator=gen)])
+    return ids, torch.randn(24, cfg.vision.patch_dim, generator=gen), grid
+
+
+def _ours(path):
+    from rlpt_fast import load_model
+
+    return load_model(path, dtype=torch.float32).eval()
+
+
+def _theirs(path):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
+
+
+def _their_logits(model, ids, pixels, grid):
+    # transformers 5 places M-RoPE from mm_token_type_ids (1 = image token), as its processor gives
+    types = (ids == model.config.image_token_id).int()[None]
+    with torch.no_grad():
+        return model(input_ids=ids[None], pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=types).logits[0]
+
+
+@pytest.fixture(scope="module")
+def adapted(ckpt):
+    """Our model with LoRA (random B so the adapter matters) and its logits on _inputs."""
+    model = _ours(ckpt)
+    x = _inputs(model)
+    with torch.no_grad():
+        base = model.logits(*x)
+    apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.05))
+    _randomize_b(model, seed=2)
+    with torch.no_grad():
+        logits = model.logits(*x)
+    assert (logits - base).abs().max() > 1e-2  # the adapter changes the function
+    return model, x, base, logits
+
+
+def test_adapter_disabled_is_our_base_model_exactly(adapted):
+    model, x, base, _ = adapted
+    with torch.no_grad(), adapter_disabled(model):
+        assert torch.equal(model.logits(*x), base)
+    assert len(list(lora_layers(model))) == 7 * model.config.num_hidden_layers + 1
+
+
+def test_saved_adapter_loads_in_peft_with_the_same_logits_and_keys(adapted, ckpt, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors import safe_open
+
+    from rlpt_fast.model.lora import load_adapter, save_adapter
+
+    model, x, _, logits = adapted
+    save_adapter(model, tmp_path / "ours", ckpt)
+    peft_model = PeftModel.from_pretrained(_theirs(ckpt), tmp_path / "ours").eval()
+    torch.testing.assert_close(_their_logits(peft_model, *x), logits, rtol=0, atol=1e-4)
+    # the keys are exactly those peft writes itself for the same targets
+    saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    theirs = get_peft_model(_theirs(ckpt), LoraConfig(r=4, lora_alpha=8, target_modules=saved["target_modules"],
+                                                      task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(std=0.1, generator=torch.Generator().manual_seed(len(name)))
+    theirs.save_pretrained(tmp_path / "peft")
+    keys = [set(safe_open(str(d / "adapter_model.safetensors"), "pt").keys()) for d in (tmp_path / "ours", tmp_path / "peft")]
+    assert keys[0] == keys[1]
+    assert "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight" in keys[0]
+    # and a peft-written adapter loads into ours with the same logits as in peft
+    fresh = load_adapter(_ours(ckpt), tmp_path / "peft")
+    theirs.eval()
+    with torch.no_grad():
+        expected = _their_logits(theirs, *x)
+        assert (expected - fresh.logits(*x)).abs().max() < 1e-4 < (expected - adapted[2]).abs().max()
+    roundtrip = load_adapter(_ours(ckpt), tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert torch.equal(roundtrip.logits(*x), logits)
+
+
+def test_merged_checkpoint_loads_in_transformers_with_the_same_logits(adapted, ckpt, tmp_path):
+    from rlpt_fast.model.lora import save_merged
+
+    model, x, _, logits = adapted
+    out = save_merged(model, ckpt, tmp_path / "merged")
+    assert {f.name for f in ckpt.iterdir()} <= {f.name for f in out.iterdir()}
+    torch.testing.assert_close(_their_logits(_theirs(out), *x), logits, rtol=0, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(_ours(out).logits(*x), logits, rtol=0, atol=1e-4)
+    if model.config.tie_word_embeddings:  # the head's adapter unties it: the embeddings keep no adapter
+        assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
