@@ -68,3 +68,24 @@ def test_padded_batch_equals_flat_concatenation(pair, image):
         hidden = m.forward_hidden(embeds, torch.cat(positions, dim=1), causal_attention(cu))
         ours = m.compute_logits(hidden)
     torch.testing.assert_close(ours, ref[mask], atol=ATOL, rtol=0)
+
+
+def test_bf16_error_is_no_worse_than_transformers_bf16(pair, image):
+    """Low precision: our bf16 logits are as close to the fp32 reference as transformers' bf16 ones
+    (at most twice the error), i.e. we round in the same places (norms and rotary in fp32)."""
+    from transformers import AutoModelForImageTextToText
+
+    from rlpt_fast.model import load_model
+
+    text = _chat(pair.proc, [{"type": "image"}, {"type": "text", "text": "Describe the small boat."}])
+    inputs = pair.proc(text=[text], images=[image(84, 56, 8)], return_tensors="pt")
+    exact = pair.ref_forward(**inputs)[0]
+    ref16 = AutoModelForImageTextToText.from_pretrained(pair.path, local_files_only=True, dtype=torch.bfloat16).eval()
+    inputs16 = dict(inputs, pixel_values=inputs["pixel_values"].bfloat16())
+    theirs = type(pair)(pair.path, pair.ours, ref16, pair.proc).ref_forward(**inputs16)[0].float()
+    ours16 = load_model(pair.path, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ours = ours16.logits(inputs["input_ids"][0], inputs16["pixel_values"], inputs["image_grid_thw"]).float()
+    their_err = (theirs - exact).abs().max().item()
+    assert 0 < their_err < 1.0
+    assert (ours - exact).abs().max().item() <= 2 * their_err
