@@ -47,6 +47,7 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_ids: dict[int, None] = dict.fromkeys(range(num_blocks))  # insertion order = LRU
         self.hash_to_block: dict[bytes, int] = {}
+        self.num_hit_tokens = 0  # running total of tokens served from the prefix cache
 
     @property
     def num_free_blocks(self) -> int:
@@ -67,6 +68,7 @@ class BlockManager:
             self._ref(b)
         seq.block_table = hits + [self._take_free() for _ in range(seq.num_blocks_needed(self.block_size) - len(hits))]
         seq.num_cached_tokens = len(hits) * self.block_size
+        self.num_hit_tokens += seq.num_cached_tokens
         seq.num_hashed_blocks = len(hits)
 
     def free(self, seq: Sequence) -> None:

@@ -62,7 +62,8 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        needed = -(-min(seq.stop.max_model_len, self.config.max_model_len) // self.blocks.block_size)
+        longest = min(seq.stop.max_model_len, self.config.max_model_len, seq.num_prompt_tokens + seq.stop.max_tokens)
+        needed = -(-longest // self.blocks.block_size)
         if needed > len(self.blocks.blocks):
             raise ValueError(f"sequence {seq.seq_id} may grow to {needed} blocks but the cache has only "
                              f"{len(self.blocks.blocks)}: raise num_blocks or lower max_model_len")

@@ -1,0 +1,57 @@
+"""The AttentionFn the engine hands to model.forward_hidden: store new K/V, then attend.
+
+The backend (Triton kernels or their torch references) is chosen once, here, by device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlpt_fast.model.attention import AttentionFn
+from rlpt_fast.rollout import decode_attention as dec
+from rlpt_fast.rollout import kv_store
+from rlpt_fast.rollout.prefill_attention import PrefillMeta, prefill_attention
+
+
+@dataclass(frozen=True)
+class Backend:
+    store_kv: object
+    decode_attention: object
+    name: str
+
+
+def choose_backend(device: torch.device, preference: str = "auto") -> Backend:
+    triton = preference == "triton" or (preference == "auto" and device.type == "cuda")
+    if triton:
+        return Backend(kv_store.store_kv, dec.decode_attention, "triton")
+    return Backend(kv_store.store_kv_reference, dec.decode_attention_reference, "torch")
+
+
+@dataclass
+class DecodeMeta:
+    """slot_mapping (B,) int64 (-1: padding row); block_tables (B, W) int32; context_lens (B,)
+    int32; num_splits / max_context are host ints fixed per batch shape (CUDA-graph safe)."""
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+    num_splits: int
+    max_context: int
+
+
+def paged_attention(kv_cache: torch.Tensor, backend: Backend, meta: DecodeMeta | None,
+                    prefill: PrefillMeta | None, slot_mapping: torch.Tensor) -> AttentionFn:
+    """kv_cache: (2, L, num_blocks, block_size, Hkv, D). Exactly one of meta / prefill is given."""
+    scale = kv_cache.shape[-1] ** -0.5
+
+    def attn(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_cache, v_cache = kv_cache[0, layer_idx], kv_cache[1, layer_idx]
+        backend.store_kv(k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping)
+        if prefill is not None:
+            return prefill_attention(q, k, v, k_cache, v_cache, prefill, scale)
+        if backend.name == "triton":
+            return backend.decode_attention(q.contiguous(), k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                            scale, meta.num_splits, meta.max_context)
+        return backend.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+
+    return attn

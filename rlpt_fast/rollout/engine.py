@@ -1,0 +1,132 @@
+"""Engine: generate completions for many prompts at once, in the trainer's own process and weights.
+
+    engine = Engine(model)                       # every argument has a default that works on CPU
+    outs = engine.generate([Request(ids, pixel_values, image_grid_thw), ...],
+                           SamplingParams(n=8, temperature=1.0, max_tokens=256))
+    outs[i][j].token_ids, outs[i][j].logprobs, outs[i][j].finish_reason
+
+Each prompt is prefilled ONCE and forked into its n samples, which share the prompt's KV blocks.
+All sequences of all prompts are decoded together (continuous batching). The model runs in eval
+mode (no dropout) under no_grad for the call and is put back as it was. One engine per model is
+enough; several engines on one model are allowed (each has its own cache).
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from rlpt_fast.rollout.block_manager import BlockManager
+from rlpt_fast.rollout.config import EngineConfig
+from rlpt_fast.rollout.model_runner import ModelRunner
+from rlpt_fast.rollout.params import Completion, Request, SamplingParams
+from rlpt_fast.rollout.scheduler import Scheduler, SchedulerConfig
+from rlpt_fast.rollout.sequence import ImageSpan, Sequence, StopRule
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, **config) -> None:
+        """config: the fields of EngineConfig (block_size, num_blocks, max_num_seqs, ...)."""
+        self.config = EngineConfig(**config)
+        self.model = model
+        with torch.no_grad():
+            self.runner = ModelRunner(model, self.config)
+        self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
+                                          self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens,
+                                                   self.config.max_model_len, self.config.enable_chunked_prefill),
+                                   self.block_manager)
+        self.eos_token_ids = frozenset(model.config.eos_token_ids)
+        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "generated_tokens": 0,
+                      "prefill_steps": 0, "decode_steps": 0, "prefix_cache_hit_tokens": 0}
+
+    @property
+    def num_blocks(self) -> int:
+        return self.runner.num_blocks
+
+    def recapture(self) -> None:
+        """Re-record the decode CUDA graphs (after parameters were replaced, not updated in place)."""
+        if self.runner.graphs is not None:
+            self.runner.graphs.capture()
+
+    def generate(self, requests: list[Request], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[list[Completion]]:
+        """For each request, params.n completions (ordered by sample index)."""
+        params = params or SamplingParams()
+        plist = params if isinstance(params, list) else [params] * len(requests)
+        if len(plist) != len(requests):
+            raise ValueError(f"generate got {len(requests)} requests but {len(plist)} SamplingParams")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return self._generate(requests, plist)
+        finally:
+            self.runner.clear_requests()
+            self.model.train(was_training)
+
+    def _generate(self, requests: list[Request], plist: list[SamplingParams]) -> list[list[Completion]]:
+        for i, (req, p) in enumerate(zip(requests, plist)):
+            if len(req.input_ids) >= self.config.max_model_len:
+                raise ValueError(f"request {i}: prompt of {len(req.input_ids)} tokens leaves no room under "
+                                 f"max_model_len={self.config.max_model_len}")
+            seed = p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            self.runner.add_request(i, req, p, seed)
+            self.scheduler.add(self._sequence(i, req, p))
+        done: list[Sequence] = []
+        while not self.scheduler.is_finished():
+            done += self.step()
+        out: list[list[Completion]] = [[None] * p.n for p in plist]
+        for seq in done:
+            out[seq.request_index][seq.sample_index] = Completion(
+                seq.completion_token_ids, seq.logprobs, seq.finish_reason)
+        return out
+
+    def _sequence(self, index: int, req: Request, p: SamplingParams) -> Sequence:
+        stops = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids)
+        spans = _image_spans(req, self.model.config.image_token_id) if self.config.enable_prefix_caching else ()
+        return Sequence(list(req.input_ids), len(req.input_ids), StopRule(p.max_tokens, stops, self.config.max_model_len),
+                        request_index=index, num_samples=p.n, image_spans=spans)
+
+    def step(self) -> list[Sequence]:
+        """One scheduled step; returns the sequences it finished."""
+        preempted = self.scheduler.num_preemptions
+        hits = self.block_manager_hits()
+        batch = self.scheduler.schedule()
+        samples = self.runner.run(batch)
+        finished = self.scheduler.postprocess(batch, samples)
+        kind = "prefill" if batch.is_prefill else "decode"
+        self.stats[f"{kind}_tokens"] += batch.num_tokens
+        self.stats[f"{kind}_steps"] += 1
+        self.stats["generated_tokens"] += sum(len(s) for s in samples)
+        self.stats["preemptions"] += self.scheduler.num_preemptions - preempted
+        self.stats["prefix_cache_hit_tokens"] += self.block_manager_hits() - hits
+        return finished
+
+    def block_manager_hits(self) -> int:
+        return self.block_manager.num_hit_tokens
+
+
+def _image_spans(req: Request, image_token_id: int) -> tuple[ImageSpan, ...]:
+    """Each image's run of placeholder tokens and a digest of its pixels and grid."""
+    if req.pixel_values is None:
+        return ()
+    ids = req.input_ids
+    runs, i = [], 0
+    while i < len(ids):
+        if ids[i] == image_token_id:
+            j = i
+            while j < len(ids) and ids[j] == image_token_id:
+                j += 1
+            runs.append((i, j))
+            i = j
+        else:
+            i += 1
+    sizes = req.image_grid_thw.prod(-1).tolist()
+    pixels = req.pixel_values.detach().cpu().contiguous().split(sizes)
+    spans = []
+    for (start, end), px, grid in zip(runs, pixels, req.image_grid_thw.tolist()):
+        h = hashlib.blake2b(px.view(torch.uint8).numpy().tobytes(), digest_size=16)
+        h.update(repr(grid).encode())
+        spans.append(ImageSpan(start, end, h.digest()))
+    return tuple(spans)

@@ -1,0 +1,217 @@
+"""The only part of the engine that touches tensors: builds each step's inputs from the scheduled
+sequences, runs the model on the paged KV cache, samples.
+
+Per step it builds (on the host, from Python lists, then one copy each to the device):
+  prefill: the chunk's token ids, M-RoPE positions (the prompt's from model.rope_positions; a
+           token t past the prompt sits at t + delta on all axes), the cache slot of every new
+           token, each sequence's context slots, and the image embeddings of the chunk's image
+           tokens (each request's images are encoded once per generate call);
+  decode:  the last token of each sequence, its position, its slot, the block tables and the
+           context lengths, replayed through a CUDA graph on the GPU.
+The model's parameters are used as they are (LoRA included): nothing is copied, so the next step
+after an optimizer step sees the new weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlpt_fast.rollout.attention import DecodeMeta, choose_backend, paged_attention
+from rlpt_fast.rollout.config import EngineConfig
+from rlpt_fast.rollout.decode_attention import choose_num_splits
+from rlpt_fast.rollout.params import Request, SamplingParams
+from rlpt_fast.rollout.prefill_attention import PrefillMeta
+from rlpt_fast.rollout.sampler import SamplingTensors, sample
+from rlpt_fast.rollout.scheduler import Batch
+from rlpt_fast.rollout.sequence import Sequence
+
+CPU_KV_CACHE_BYTES = 256 << 20
+
+
+@dataclass
+class RequestState:
+    """What the runner keeps per request of the current generate call."""
+    positions: torch.Tensor            # (3, T) M-RoPE positions of the prompt, on the device
+    delta: int
+    image_embeds: torch.Tensor | None  # (M, H) rows of the prompt's image tokens, in order
+    image_cumsum: list[int]            # image tokens among the first i prompt tokens, i = 0..T
+    params: SamplingParams
+    seed: int
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, config: EngineConfig) -> None:
+        self.model, self.config = model, config
+        mc = model.config
+        self.num_layers, self.num_kv_heads, self.head_dim = mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim
+        self.image_token_id = mc.image_token_id
+        self.device, self.dtype = model.device, model.dtype
+        self.backend = choose_backend(self.device, config.attention_backend)
+        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.on_cuda else 1
+        self.requests: dict[int, RequestState] = {}
+        self.num_blocks = self._count_blocks()
+        self.kv_cache = torch.zeros(2, self.num_layers, self.num_blocks, config.block_size, self.num_kv_heads,
+                                    self.head_dim, dtype=self.dtype, device=self.device)
+        self.graphs = None
+        if config.cuda_graphs if config.cuda_graphs is not None else self.on_cuda:
+            from rlpt_fast.rollout.cuda_graphs import DecodeGraphs  # noqa: PLC0415 (GPU only)
+            self.graphs = DecodeGraphs(self)
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def block_bytes(self) -> int:
+        return 2 * self.num_layers * self.config.block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+    # -- cache size -------------------------------------------------------------------------
+    def _count_blocks(self) -> int:
+        cfg = self.config
+        if cfg.num_blocks is not None:
+            return cfg.num_blocks
+        if self.on_cuda and cfg.kv_cache_bytes is None:
+            return self._blocks_from_free_memory()
+        useful = cfg.max_num_seqs * cfg.max_blocks_per_seq + 1
+        return max(1, min(useful, (cfg.kv_cache_bytes or CPU_KV_CACHE_BYTES) // self.block_bytes))
+
+    def _blocks_from_free_memory(self) -> int:
+        """Run the largest prefill and sampling once, then give the cache what is left."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        n = min(self.config.max_num_batched_tokens, self.config.max_model_len)
+        with torch.no_grad():
+            from rlpt_fast.model.attention import causal_attention  # noqa: PLC0415
+            ids = torch.zeros(n, dtype=torch.long, device=self.device)
+            hidden = self.model.forward_hidden(self.model.embed(ids), torch.arange(n, device=self.device).expand(3, n),
+                                               causal_attention(torch.tensor([0, n])))
+            rows = min(self.config.max_num_seqs, n)
+            logits = self.model.compute_logits(hidden[-rows:])
+            sample(logits, SamplingTensors.from_rows([(1.0, 5, 0.9, 0, 0, 0)] * rows, self.device))
+            del hidden, logits
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        peak_extra = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
+        budget = total * self.config.gpu_memory_utilization - (total - free) - peak_extra
+        blocks = int(budget) // self.block_bytes
+        if blocks < self.config.max_blocks_per_seq:
+            raise RuntimeError(f"only {blocks} KV-cache blocks fit in GPU memory, one sequence of max_model_len="
+                               f"{self.config.max_model_len} needs {self.config.max_blocks_per_seq}")
+        return blocks
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(self, index: int, request: Request, params: SamplingParams, seed: int) -> None:
+        ids = torch.tensor(request.input_ids, dtype=torch.long)
+        grid = request.image_grid_thw
+        positions, delta = self.model.rope_positions(ids, grid)
+        embeds = None
+        if request.pixel_values is not None:
+            embeds = self.model.encode_images(request.pixel_values.to(self.device), grid)
+        cumsum = [0]
+        for t in request.input_ids:
+            cumsum.append(cumsum[-1] + (t == self.image_token_id))
+        self.requests[index] = RequestState(positions.to(self.device), delta, embeds, cumsum, params, seed)
+
+    def clear_requests(self) -> None:
+        self.requests.clear()
+
+    # -- one step ---------------------------------------------------------------------------
+    def run(self, batch: Batch) -> list[list[tuple[int, float]]]:
+        """Returns, per scheduled sequence, batch.num_samples[i] (token, logprob) pairs."""
+        if batch.copies:
+            src, dst = (torch.tensor(x, device=self.device) for x in zip(*batch.copies))
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+        logits = self._prefill(batch) if batch.is_prefill else self._decode(batch)
+        if logits is None:
+            return [[] for _ in batch.seqs]
+        tokens, logprobs = sample(logits, self._sampling_tensors(batch))
+        flat = torch.stack([tokens.double(), logprobs.double()]).cpu().tolist()  # the step's one host sync
+        out, i = [], 0
+        for k in batch.num_samples:
+            out.append([(int(flat[0][j]), flat[1][j]) for j in range(i, i + k)])
+            i += k
+        return out
+
+    def _sampling_tensors(self, batch: Batch) -> SamplingTensors:
+        rows = []
+        for seq, k in zip(batch.seqs, batch.num_samples):
+            st = self.requests[seq.request_index]
+            p = st.params
+            for j in range(k):
+                rows.append((p.temperature, p.top_k, p.top_p, st.seed, seq.sample_index + j, seq.num_tokens))
+        return SamplingTensors.from_rows(rows, self.device)
+
+    def _slot(self, seq: Sequence, pos: int) -> int:
+        bs = self.config.block_size
+        return seq.block_table[pos // bs] * bs + pos % bs
+
+    def _prefill(self, batch: Batch) -> torch.Tensor | None:
+        ids, pos, slots, ctx_slots, image_rows, cu, last_rows = [], [], [], [], [], [0], []
+        for seq, chunk, k in zip(batch.seqs, batch.chunk_lens, batch.num_samples):
+            st = self.requests[seq.request_index]
+            start, end = seq.num_cached_tokens, seq.num_cached_tokens + chunk
+            ids += seq.token_ids[start:end]
+            pos.append(self._positions(st, start, end))
+            slots += [self._slot(seq, p) for p in range(start, end)]
+            ctx_slots.append(torch.tensor([self._slot(seq, p) for p in range(end)]) if start else None)
+            image_rows += self._image_rows(st, seq, start, end)
+            cu.append(cu[-1] + chunk)
+            last_rows += [cu[-1] - 1] * k
+        dev = self.device
+        ids_t = torch.tensor(ids, device=dev)
+        meta = PrefillMeta(cu, [s.num_cached_tokens for s in batch.seqs],
+                           [None if c is None else c.to(dev) for c in ctx_slots])
+        slot_t = torch.tensor(slots, device=dev)
+        embeds = self.model.embed(ids_t, torch.cat(image_rows) if image_rows else None)
+        attn = paged_attention(self.kv_cache, self.backend, None, meta, slot_t)
+        hidden = self.model.forward_hidden(embeds, torch.cat(pos, dim=1), attn)
+        if not last_rows:
+            return None
+        return self.model.compute_logits(hidden[torch.tensor(last_rows, device=dev)])
+
+    def _positions(self, st: RequestState, start: int, end: int) -> torch.Tensor:
+        t = st.positions.shape[1]
+        parts = [st.positions[:, start:min(end, t)]]
+        if end > t:  # completion tokens of a recomputed sequence
+            parts.append((torch.arange(max(start, t), end, device=self.device) + st.delta).expand(3, -1))
+        return torch.cat(parts, dim=1)
+
+    def _image_rows(self, st: RequestState, seq: Sequence, start: int, end: int) -> list[torch.Tensor]:
+        """Embedding rows for the image tokens among tokens [start, end) of seq, in order."""
+        t = len(st.image_cumsum) - 1
+        rows = []
+        lo, hi = st.image_cumsum[min(start, t)], st.image_cumsum[min(end, t)]
+        if hi > lo:
+            rows.append(st.image_embeds[lo:hi])
+        generated = seq.token_ids[max(start, t):end].count(self.image_token_id)
+        if generated:  # a sampled image-pad token is a plain token (as in transformers' generate)
+            rows.append(self._plain_image_row().expand(generated, -1))
+        return rows
+
+    def _plain_image_row(self) -> torch.Tensor:
+        ids = torch.tensor([self.image_token_id], device=self.device)
+        return self.model.model.language_model.embed_tokens(ids)
+
+    def _decode(self, batch: Batch) -> torch.Tensor:
+        seqs, bs = batch.seqs, self.config.block_size
+        dev = self.device
+        ids = [s.last_token for s in seqs]
+        pos = [s.num_tokens - 1 + self.requests[s.request_index].delta for s in seqs]
+        slots = [self._slot(s, s.num_tokens - 1) for s in seqs]
+        lens = [s.num_tokens for s in seqs]
+        if self.graphs is not None and self.graphs.fits(len(seqs)):
+            return self.graphs.run(ids, pos, slots, lens, [s.block_table for s in seqs])
+        width = max(len(s.block_table) for s in seqs)
+        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32)
+        meta = DecodeMeta(torch.tensor(slots, device=dev), tables.to(dev), torch.tensor(lens, dtype=torch.int32, device=dev),
+                          choose_num_splits(len(seqs), self.num_kv_heads, max(lens), self.num_sms), width * bs)
+        return self.decode_logits(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev).expand(3, -1), meta)
+
+    def decode_logits(self, ids: torch.Tensor, positions: torch.Tensor, meta: DecodeMeta) -> torch.Tensor:
+        """One decode forward (B tokens) -> logits (B, V). No host sync: CUDA graphs capture this."""
+        # embed_tokens directly: model.embed counts image tokens on the host, and a sampled
+        # image-pad token is a plain token anyway.
+        embeds = self.model.model.language_model.embed_tokens(ids)
+        attn = paged_attention(self.kv_cache, self.backend, meta, None, meta.slot_mapping)
+        return self.model.compute_logits(self.model.forward_hidden(embeds, positions, attn))
