@@ -5,7 +5,8 @@ Each subcommand lives in its own module, which provides two functions:
 module is imported only when that subcommand runs (so `rlpt score-captions` does not import
 torch or the model).
 
-    rlpt score-captions FILE... --protocol single|2-concept|4-concept [--strict --database DB] [--json]
+    rlpt score-captions FILE... --protocol single|2-concept|4-concept
+                        [--strict --database DB] [--json]
 """
 from __future__ import annotations
 

@@ -136,7 +136,8 @@ def _header_problem(path: Path, size: int, mtime_ns: int) -> str | None:
     return None
 
 
-def validate_record(rec: object, base: Path, check_images: bool = True) -> tuple[Row | None, list[str]]:
+def validate_record(rec: object, base: Path,
+                    check_images: bool = True) -> tuple[Row | None, list[str]]:
     """Check one raw record; returns (row or None, reasons)."""
     if isinstance(rec, _BadJson):
         return None, [f"not valid JSON: {rec.message}"]
@@ -266,6 +267,7 @@ def load_queries(path: str | Path, *, image_root: str | Path | None = None) -> l
         subsets = keys if keys and all(isinstance(k, list) for k in keys) else [keys]
         for ks in subsets:
             if not (isinstance(ks, list) and ks and all(isinstance(k, str) for k in ks)):
-                raise ValueError(f"{path}: query {img!r}: expected a list of concept keys, got {ks!r}")
+                raise ValueError(f"{path}: query {img!r}: expected a list of concept keys, "
+                                 f"got {ks!r}")
             out.append(Query(resolve_path(img, path.parent, root), tuple(ks)))
     return out

@@ -47,12 +47,14 @@ class VisionConfig:
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
-            raise ValueError(f"VisionConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+            raise ValueError(f"VisionConfig.backend must be one of {BACKENDS}, "
+                             f"got {self.backend!r}")
         if not 0 < self.min_pixels <= self.max_pixels:
             raise ValueError(f"VisionConfig needs 0 < min_pixels <= max_pixels, got "
                              f"{self.min_pixels}, {self.max_pixels}")
         if min(self.patch_size, self.temporal_patch_size, self.merge_size) < 1:
-            raise ValueError("VisionConfig patch_size, temporal_patch_size, merge_size must be >= 1")
+            raise ValueError("VisionConfig patch_size, temporal_patch_size and merge_size "
+                             "must be >= 1")
 
     @property
     def factor(self) -> int:

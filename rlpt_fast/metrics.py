@@ -89,7 +89,8 @@ def repic_tokens(caption: str, lower: bool) -> set[str]:
     return {w.strip(PUNCT_STRIP) for w in caption.split() if w.strip(PUNCT_STRIP)}
 
 
-def _repic_slots(rec: CaptionRecord, pool: list[str], protocol: str) -> list[tuple[str | None, str]]:
+def _repic_slots(rec: CaptionRecord, pool: list[str],
+                 protocol: str) -> list[tuple[str | None, str]]:
     """(prediction, target) per ground-truth slot, in RePIC's bracket-stripped form."""
     lower = protocol != "2-concept"
     norm = (lambda s: s.lower()) if lower else (lambda s: s)

@@ -29,7 +29,8 @@ from rlpt_fast.data import Concept, Row, open_image
 from rlpt_fast.image_processing import ProcessedImage, VisionConfig, preprocess, repic_resize
 
 SYSTEM_PROMPT = ("You are a captioning assistant. Your task is to generate an accurate caption "
-                 "for the query image.\nBelow is additional information about the reference images.")
+                 "for the query image.\n"
+                 "Below is additional information about the reference images.")
 SINGLE_QUESTIONS = (
     "Give a personalized caption of this image.",
     "Give a caption of the image.",
@@ -115,7 +116,8 @@ def _cached_image(path: Path, mtime_ns: int, rule: str, cfg: VisionConfig) -> Pr
     return preprocess(im, cfg, original_size=size)
 
 
-def process_image(image: str | Path | Image.Image, cfg: VisionConfig, rule: str = "none") -> ProcessedImage:
+def process_image(image: str | Path | Image.Image, cfg: VisionConfig,
+                  rule: str = "none") -> ProcessedImage:
     """rule: "multi" / "single" (RePIC's 512 / 1024 resize first) or "none"."""
     if isinstance(image, Image.Image):
         im = image.convert("RGB")

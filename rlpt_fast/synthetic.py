@@ -88,7 +88,8 @@ def make_world(seed: int = 0, n_concepts: int = 8, n_scenes: int = 48, *, ref_si
     if not 1 <= n_concepts <= len(SHAPES) * len(COLOURS):
         raise ValueError(f"n_concepts must be in 1..{len(SHAPES) * len(COLOURS)}, got {n_concepts}")
     if scene_size < 60 or ref_size < 16:
-        raise ValueError(f"scene_size >= 60 and ref_size >= 16 needed, got {scene_size}, {ref_size}")
+        raise ValueError(f"scene_size >= 60 and ref_size >= 16 needed, "
+                         f"got {scene_size}, {ref_size}")
     rng = random.Random(seed)
     looks = _distinct_looks(rng, n_concepts)
     names = _names(rng, n_concepts)
@@ -118,8 +119,10 @@ def _distractor(rng: random.Random, concepts: tuple[SynthConcept, ...]) -> Look:
     taken = {(c.look.shape, c.look.colour) for c in concepts}
     while True:  # share a shape or a colour with a concept, but never both
         base = rng.choice(concepts).look
-        look = (Look(base.shape, rng.choice(list(COLOURS)), rng.choice(TEXTURES))
-                if rng.random() < 0.5 else Look(rng.choice(SHAPES), base.colour, rng.choice(TEXTURES)))
+        if rng.random() < 0.5:
+            look = Look(base.shape, rng.choice(list(COLOURS)), rng.choice(TEXTURES))
+        else:
+            look = Look(rng.choice(SHAPES), base.colour, rng.choice(TEXTURES))
         if (look.shape, look.colour) not in taken:
             return look
 

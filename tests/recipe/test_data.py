@@ -68,8 +68,10 @@ GOOD = [
      "accu_reward_method": "yes_no_name_multi"},
 ]
 BAD = [  # (row, expected reason)
-    ({"image": "img/a.png", "problem": "p", "solution": "yes"}, "missing field 'accu_reward_method'"),
-    ({"image": 3, "problem": "p", "solution": "yes", "accu_reward_method": "yes_no"}, "'image' must be"),
+    ({"image": "img/a.png", "problem": "p", "solution": "yes"},
+     "missing field 'accu_reward_method'"),
+    ({"image": 3, "problem": "p", "solution": "yes", "accu_reward_method": "yes_no"},
+     "'image' must be"),
     ({"image": "img/a.png", "problem": ["p"], "solution": "yes", "accu_reward_method": "yes_no"},
      "'problem' must be a string"),
     ({"image": "img/a.png", "problem": "p", "solution": "yes", "accu_reward_method": "caption"},

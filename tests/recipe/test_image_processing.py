@@ -39,7 +39,8 @@ def test_equal_to_transformers(kw, backend, cls):
 
 def test_equal_on_a_real_photo(repic):
     im = open_image(repic / "databases/database_2_concepts/Anya.jpg")
-    for backend, ref in (("pil", pil.Qwen2VLImageProcessorPil()), ("torch", tv.Qwen2VLImageProcessor())):
+    refs = (("pil", pil.Qwen2VLImageProcessorPil()), ("torch", tv.Qwen2VLImageProcessor()))
+    for backend, ref in refs:
         ours = preprocess(im, VisionConfig(backend=backend))
         assert torch.equal(ours.pixel_values, ref(images=[im], return_tensors="pt")["pixel_values"])
 

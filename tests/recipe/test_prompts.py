@@ -8,9 +8,9 @@ import torch
 
 from rlpt_fast.data import Row, load_database, open_image
 from rlpt_fast.image_processing import VisionConfig, num_image_tokens, repic_resize
-from rlpt_fast.prompts import (NAME_SUFFIXES, SUFFIX_IOU, SUFFIX_YES_NO, SYSTEM_PROMPT, PromptBuilder,
-                               inference_messages, question_for, row_rng, task_suffix,
-                               training_messages)
+from rlpt_fast.prompts import (NAME_SUFFIXES, SUFFIX_IOU, SUFFIX_YES_NO, SYSTEM_PROMPT,
+                               PromptBuilder, inference_messages, question_for, row_rng,
+                               task_suffix, training_messages)
 
 testing = pytest.importorskip("rlpt_fast.testing")
 
@@ -121,6 +121,7 @@ def test_task_suffix_fractions_and_determinism():
 
 
 def test_questions_cycle():
-    assert [question_for(i, False) for i in range(5)][4] == "Give a personalized caption of this image."
+    assert question_for(4, False) == "Give a personalized caption of this image."
+    assert question_for(2, False) == "Can you provide a personalized caption of this photo?"
     assert question_for(2, True) == "Provide a personalized caption of the given image."
     assert question_for(3, True) == question_for(0, True)

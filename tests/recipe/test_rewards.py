@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from rlpt_fast.rewards import SolutionError, iou, parse_box, repic_iou, score
 
-LONG = " and that is the whole story of this picture, told with enough words to pass the length bar" * 2
+LONG = " and that is the whole story of this picture, told with enough words to pass it" * 2
 
 
 def s(method, text, sol, compat="strict", **ctx):

@@ -1,6 +1,5 @@
 """The synthetic world: deterministic, fast, and in RePIC's formats end to end."""
 import hashlib
-import random
 import time
 
 import pytest
@@ -67,7 +66,8 @@ def test_round_trip_through_loaders_prompts_rewards_metrics(tmp_path):
     assert [c.key for c in db.concepts.values()] == [c.key for c in w.concepts]
     assert open_image(db[w.concepts[0].key].image).size == (w.ref_size, w.ref_size)
     queries = load_queries(files.queries)
-    assert queries and all(q.image.is_file() and set(q.concepts) <= set(db.concepts) for q in queries)
+    assert queries
+    assert all(q.image.is_file() and set(q.concepts) <= set(db.concepts) for q in queries)
     # a correct answer earns full reward on every row, in both compat modes
     by_index = {synthetic.scene_path(s): s for s in w.scenes}
     for r in rows:
