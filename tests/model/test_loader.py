@@ -129,3 +129,20 @@ def test_code_in_the_directory_never_runs(base, tmp_path, base_logits):
     (path / "config.json").write_text(json.dumps(config))
     with torch.no_grad():
         torch.testing.assert_close(load_model(path).logits(IDS), base_logits, atol=0, rtol=0)
+
+
+def test_built_on_meta_then_materialised_once(base, monkeypatch):
+    """No full-size random init: the module is constructed on the meta device."""
+    import rlpt_fast
+    from rlpt_fast.model import QwenVLModel, loader
+
+    built_on = []
+
+    class Recording(QwenVLModel):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built_on.append({p.device.type for p in self.parameters()})
+
+    monkeypatch.setattr(loader, "QwenVLModel", Recording)
+    model = rlpt_fast.load_model(base)  # the lazy top-level name is this loader
+    assert built_on == [{"meta"}] and {p.device.type for p in model.parameters()} == {"cpu"}
