@@ -9,7 +9,8 @@ Training rows (JSON list or JSONL)::
 Image paths are relative to the file that names them. RePIC's own files carry paths rooted at
 their repository ("./data/database_tot/database_4_concepts/avengers/thor.jpg"); when such a path
 does not exist relative to the file, its longest trailing part that does ("avengers/thor.jpg")
-is used. Every row is validated before anything trains: `load_rows` raises `DataError` listing
+is used (or pass ``image_root``, as RePIC's --image_root). Every row is validated before anything
+trains (a missing ``accu_reward_method`` is an error; RePIC silently defaults it to "iou"): `load_rows` raises `DataError` listing
 each bad row with its file, row and reason, or, with ``skip_invalid=True``, drops and counts them.
 Images are opened only when asked for (`open_image`): EXIF-rotated and converted to RGB.
 """
@@ -136,8 +137,8 @@ def _header_problem(path: Path, size: int, mtime_ns: int) -> str | None:
     return None
 
 
-def validate_record(rec: object, base: Path,
-                    check_images: bool = True) -> tuple[Row | None, list[str]]:
+def validate_record(rec: object, base: Path, check_images: bool = True,
+                    image_root: Path | None = None) -> tuple[Row | None, list[str]]:
     """Check one raw record; returns (row or None, reasons)."""
     if isinstance(rec, _BadJson):
         return None, [f"not valid JSON: {rec.message}"]
@@ -160,7 +161,7 @@ def validate_record(rec: object, base: Path,
             reasons.append(why)
     if reasons:
         return None, reasons
-    paths = tuple(resolve_path(n, base) for n in names)
+    paths = tuple(resolve_path(n, base, image_root) for n in names)
     if check_images:
         reasons += [p for p in map(image_problem, paths) if p]
     if reasons:
@@ -169,9 +170,10 @@ def validate_record(rec: object, base: Path,
 
 
 def load_rows(paths: str | Path | list[str | Path], *, skip_invalid: bool = False,
-              check_images: bool = True) -> RowSet:
+              check_images: bool = True, image_root: str | Path | None = None) -> RowSet:
     """Load and validate training rows from one or more JSON/JSONL files.
 
+    Image paths are relative to each file, or to image_root when given.
     Raises DataError listing every bad row (file, row, reason) unless skip_invalid, in which
     case bad rows are dropped and returned in RowSet.skipped.
     """
@@ -179,7 +181,8 @@ def load_rows(paths: str | Path | list[str | Path], *, skip_invalid: bool = Fals
     rows, errors = [], []
     for path in map(Path, paths):
         for where, rec in _read_records(path):
-            row, reasons = validate_record(rec, path.parent, check_images)
+            row, reasons = validate_record(rec, path.parent, check_images,
+                                           Path(image_root) if image_root is not None else None)
             errors += [RowError(str(path), where, r) for r in reasons]
             if row is not None:
                 rows.append(Row(row.images, row.problem, row.solution, row.method,

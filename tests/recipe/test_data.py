@@ -96,6 +96,14 @@ def test_good_rows_load_with_paths_relative_to_the_file(imgs):
     assert open_image(rows[0].images[1]).mode == "RGB"
 
 
+def test_image_root_replaces_the_file_directory(imgs, tmp_path_factory):
+    other = tmp_path_factory.mktemp("elsewhere")
+    f = _write(other, GOOD[1:2], "rows.jsonl")
+    with pytest.raises(DataError, match="image not found"):
+        load_rows(f)
+    assert load_rows(f, image_root=imgs)[0].images == (imgs / "img/a.png",)
+
+
 def test_all_bad_rows_are_reported_before_anything_runs(imgs):
     f = _write(imgs, GOOD[:1] + [b for b, _ in BAD] + GOOD[1:])
     with pytest.raises(DataError) as e:

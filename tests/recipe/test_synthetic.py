@@ -102,3 +102,9 @@ def test_prompts_build_on_the_synthetic_world(tmp_path):
         assert int((p.input_ids == b.image_pad_id).sum()) == n
         assert p.image_grid_thw.shape == (len(r.images), 3)
         assert p.pixel_values.shape[0] == int(p.image_grid_thw.prod(-1).sum())
+    db = load_database(files.database)
+    q = load_queries(files.queries)[0]
+    p = b.inference_prompt(db.select(q.concepts), q.image, "Give a caption of the image.")
+    first = db.select(q.concepts)[0]
+    assert f"1. Name: <{first.name}>, Info: {first.info}" in p.text
+    assert p.image_grid_thw.shape == (len(q.concepts) + 1, 3)
