@@ -199,7 +199,7 @@ def adapter_state_dict(model: nn.Module, save_embedding_layers: bool | None = No
     for name, m in lora_layers(model):
         out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight
         out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight
-        if name == "lm_head" and save_embedding_layers in (None, True):
+        if name == "lm_head" and save_embedding_layers is not False:
             out[f"{PEFT_PREFIX}{name}.base_layer.weight"] = m.base_layer.weight
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
@@ -278,6 +278,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
             with torch.no_grad():
                 w.copy_(merged)
         _set_submodule(model, name, base)
+        if name == "lm_head" and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+            model.config.tie_word_embeddings = False  # now really untied: keep tie_weights() off it
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model
