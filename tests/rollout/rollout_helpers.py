@@ -43,3 +43,35 @@ def hf_greedy(ref, ids, pixels, grid, max_new_tokens):
     with torch.no_grad():
         out = ref.generate(**kwargs)
     return out[0, ids.numel():].tolist()
+
+
+def naive_greedy(model, ids, pixels, grid, n):
+    """Greedy decoding by recomputing model.logits over the whole sequence at every step."""
+    toks = []
+    for _ in range(n):
+        with torch.no_grad():
+            t = int(model.logits(torch.cat([ids, torch.tensor(toks, dtype=torch.long)]), pixels, grid)[-1].argmax())
+        toks.append(t)
+    return toks
+
+
+def recomputed_logprobs(model, ids, pixels, grid, completion, temperature, top_k=0, top_p=1.0):
+    """Log-prob of each completion token under logits/temperature filtered by top-k then top-p,
+    from one dense forward of prompt + completion (an independent implementation of the filters)."""
+    full = torch.cat([ids, torch.tensor(completion, dtype=torch.long)])
+    with torch.no_grad():
+        logits = model.logits(full, pixels, grid)[ids.numel() - 1:-1].double() / temperature
+    out = []
+    for row, tok in zip(logits, completion):
+        p = row.softmax(-1)
+        order = p.argsort(descending=True)
+        keep = torch.zeros_like(p, dtype=torch.bool)
+        keep[order[:top_k or len(p)]] = True
+        p = torch.where(keep, p, 0.0) / p[keep].sum()
+        mass = 0.0
+        for i in p.argsort(descending=True).tolist():
+            if mass >= top_p:
+                p[i] = 0.0
+            mass += p[i].item()
+        out.append(float((p[tok] / p.sum()).log()))
+    return out
