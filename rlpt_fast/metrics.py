@@ -15,7 +15,8 @@ Per protocol: "single" scores only the first key of each row and lower-cases eve
 pool is the set of those first keys. "2-concept" is case-sensitive. "4-concept" lower-cases.
 `score_records(..., strict=True)` additionally matches the name the model was shown (the
 database's ``name`` field, e.g. "<ironman>" is shown as "Iron Man"), matches names with spaces or
-dots as token phrases, ignores case and ``<>`` around tokens and a trailing possessive "'s".
+dots as token phrases (a dot separates words), ignores case, ``<>`` around tokens and a
+trailing possessive "'s".
 """
 from __future__ import annotations
 
@@ -108,8 +109,9 @@ def _repic_slots(rec: CaptionRecord, pool: list[str],
 
 
 def _phrase_tokens(text: str) -> list[str]:
+    # Dots split words too, so "Mr.Krabs", "Mr. Krabs" and "mr.krabs" are the same phrase.
     out = []
-    for w in text.replace("</s>", "").lower().split():
+    for w in text.replace("</s>", "").lower().replace(".", " ").split():
         w = _POSSESSIVE.sub("", w.strip(_STRICT_STRIP)).strip(_STRICT_STRIP)
         if w:
             out.append(w)

@@ -100,7 +100,7 @@ def test_two_concept_is_case_sensitive_and_miss_needs_a_non_gt_concept():
 def test_strict_matches_shown_names_phrases_and_case(repic):
     db = metrics.load_concept_names(repic / "databases/database_4_concepts/database_mod.json")
     rec = metrics.CaptionRecord("q", ("<ironman>", "<black widow>", "<mr.krab>", "<thor>"),
-                                "<Iron Man> and Black Widow talk to Mr.Krab's friend, THOR!")
+                                "<Iron Man> and Black Widow talk to Mr. Krabs' friend, THOR!")
     strict = metrics.score_records([rec], "4-concept", strict=True, database=db)
     repic_s = metrics.score_records([rec], "4-concept")
     assert (strict.correct, strict.predicted) == (4, 4)   # 3 of them unreachable for RePIC's rule
