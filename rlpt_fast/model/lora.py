@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -32,11 +33,16 @@ _DEFAULT_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 class LoRAConfig:
     """r, alpha, dropout as in peft. target_modules: None = every nn.Linear outside the vision tower
     (lm_head included, RECIPE.md); a tuple of leaf names (`"q_proj"`) or full module names; or a
-    regex string matched (re.fullmatch) against full module names. The vision tower is never wrapped."""
+    regex string matched (re.fullmatch) against full module names. The vision tower is never wrapped.
+    dtype: of the adapter parameters (see the comment on the field)."""
     r: int = 64
     alpha: float = 128.0
     dropout: float = 0.05
     target_modules: tuple[str, ...] | str | None = None
+    # Adapter parameters are kept in float32 (as peft's autocast_adapter_dtype does) so small AdamW
+    # updates are not rounded away in bf16; they are cast to the activations' dtype to compute.
+    # None = the base weight's dtype.
+    dtype: torch.dtype | None = torch.float32
 
     def __post_init__(self):
         if not isinstance(self.r, int) or self.r <= 0:
@@ -45,6 +51,8 @@ class LoRAConfig:
             raise ValueError(f"LoRAConfig.alpha must be > 0, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.dtype is not None and not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
+            raise ValueError(f"LoRAConfig.dtype must be a floating torch.dtype or None, got {self.dtype!r}")
         if isinstance(self.target_modules, str):
             re.compile(self.target_modules)  # fail now, not at apply time
         elif self.target_modules is not None:
@@ -74,13 +82,14 @@ def _in_vision(name: str) -> bool:
 class LoRALinear(nn.Module):
     """nn.Linear plus a low-rank adapter. `disabled` turns the adapter off (reference policy)."""
 
-    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float):
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         w = base_layer.weight
         self.base_layer = base_layer
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=w.device, dtype=w.dtype)
-        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=w.device, dtype=dtype or w.dtype)
+        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=w.device, dtype=dtype or w.dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.scaling = alpha / r
@@ -108,12 +117,15 @@ class LoRALinear(nn.Module):
         w = self.base_layer.weight
         return w if self.disabled else w + self.delta_weight().to(w.dtype)
 
+    def low_rank(self, x: torch.Tensor) -> torch.Tensor:
+        """scaling * dropout(x) @ A.T  (..., r), in x's dtype (A cast to it: cheap, r x in)."""
+        return F.linear(self.lora_dropout(x), self.lora_A.weight.to(x.dtype)) * self.scaling
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         if self.disabled:
             return y
-        a = self.lora_A.weight
-        return y + self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype)))).to(y.dtype) * self.scaling
+        return y + F.linear(self.low_rank(x), self.lora_B.weight.to(x.dtype))
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -138,7 +150,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     if not names:
         raise ValueError(f"apply_lora: target_modules={cfg.target_modules!r} matched no nn.Linear")
     for name in names:
-        _set_submodule(model, name, LoRALinear(model.get_submodule(name), cfg.r, cfg.alpha, cfg.dropout))
+        _set_submodule(model, name, LoRALinear(model.get_submodule(name), cfg.r, cfg.alpha, cfg.dropout, cfg.dtype))
     model.lora_config = cfg
     return names
 
@@ -172,9 +184,8 @@ def lm_head_operands(model: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tens
     head = model.lm_head
     if not isinstance(head, LoRALinear) or head.disabled:
         return hidden, head.weight
-    a, b, w = head.lora_A.weight, head.lora_B.weight, head.base_layer.weight
-    low = head.lora_A(head.lora_dropout(hidden.to(a.dtype))) * head.scaling  # (N, r)
-    return torch.cat([hidden, low.to(hidden.dtype)], dim=-1), torch.cat([w, b.to(w.dtype)], dim=-1)
+    b, w = head.lora_B.weight, head.base_layer.weight
+    return torch.cat([hidden, head.low_rank(hidden)], dim=-1), torch.cat([w, b.to(w.dtype)], dim=-1)
 
 
 # ---------------------------------------------------------------- adapter files (peft layout)

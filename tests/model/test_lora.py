@@ -41,7 +41,8 @@ def _randomize_b(model, seed=0):
 
 
 @pytest.mark.parametrize("bad", [dict(r=0), dict(r=2.0), dict(alpha=0), dict(dropout=1.0),
-                                 dict(dropout=-0.1), dict(target_modules=()), dict(target_modules="(")])
+                                 dict(dropout=-0.1), dict(target_modules=()), dict(target_modules="("),
+                                 dict(dtype=torch.int8)])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(Exception):
         LoRAConfig(**bad)
@@ -72,6 +73,21 @@ def test_forward_is_base_plus_scaled_low_rank_and_dropout_only_in_train():
     with adapter_disabled(layer):
         assert torch.equal(layer(x), base(x))
     assert not layer.disabled
+
+
+def test_fp32_adapters_on_a_bf16_model_compute_in_bf16_and_get_fp32_gradients():
+    model = Toy().to(torch.bfloat16)
+    apply_lora(model, LoRAConfig(r=2, alpha=4, dropout=0.0))  # dtype defaults to float32
+    _randomize_b(model)
+    head = model.lm_head
+    assert head.lora_A.weight.dtype == head.lora_B.weight.dtype == torch.float32
+    out = model(torch.arange(11))
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert head.lora_A.weight.grad.dtype == torch.float32 and head.lora_A.weight.grad.abs().sum() > 0
+    h = torch.randn(3, 8, dtype=torch.bfloat16)
+    expected = h.float() @ head.base_layer.weight.float().T + 2.0 * h.float() @ (head.lora_B.weight @ head.lora_A.weight).T
+    torch.testing.assert_close(head(h).float(), expected, rtol=2e-2, atol=2e-2)
 
 
 def test_wrapping_an_eval_model_keeps_dropout_off():
