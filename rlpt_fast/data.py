@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, ImageOps
 
@@ -192,8 +193,8 @@ def load_rows(paths: str | Path | list[str | Path], *, skip_invalid: bool = Fals
     return RowSet(rows, errors)
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """Decode an image: EXIF orientation applied, RGB."""
+def open_image(path: str | Path | BinaryIO) -> Image.Image:
+    """Decode an image (a path or a binary file object): EXIF orientation applied, RGB."""
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
         return im.convert("RGB")

@@ -17,9 +17,11 @@ as transformers' Qwen2-VL processor does (tests/recipe/test_prompts.py compares 
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import random
+from collections import OrderedDict
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -106,10 +108,14 @@ class Prompt:
     text: str
 
 
-@lru_cache(maxsize=1024)
-def _cached_image(path: Path, mtime_ns: int, rule: str, cfg: VisionConfig) -> ProcessedImage:
-    """Decode, resize and patchify once per file version: reference images recur across rows."""
-    im = open_image(path)
+RESIZE_RULES = ("none", "multi", "single")
+_CACHE_SIZE = 1024
+# One process-wide cache of processed images keyed by (content hash, rule, config): reference
+# images recur in many rows and across epochs; hashing the file is far cheaper than decoding it.
+_image_cache: OrderedDict[tuple[str, str, VisionConfig], ProcessedImage] = OrderedDict()
+
+
+def _process(im: Image.Image, cfg: VisionConfig, rule: str) -> ProcessedImage:
     size = im.size
     if rule != "none":
         im = repic_resize(im, multi_image=(rule == "multi"))
@@ -118,13 +124,25 @@ def _cached_image(path: Path, mtime_ns: int, rule: str, cfg: VisionConfig) -> Pr
 
 def process_image(image: str | Path | Image.Image, cfg: VisionConfig,
                   rule: str = "none") -> ProcessedImage:
-    """rule: "multi" / "single" (RePIC's 512 / 1024 resize first) or "none"."""
+    """Decode (files: EXIF-rotated RGB), resize and patchify one image.
+
+    rule: "multi" / "single" applies RePIC's 512 / 1024 resize first, "none" does not; the
+    returned scale always refers to the image as given. Files are cached by content.
+    """
+    if rule not in RESIZE_RULES:
+        raise ValueError(f"rule must be one of {RESIZE_RULES}, got {rule!r}")
     if isinstance(image, Image.Image):
-        im = image.convert("RGB")
-        small = repic_resize(im, multi_image=(rule == "multi")) if rule != "none" else im
-        return preprocess(small, cfg, original_size=im.size)
-    p = Path(image)
-    return _cached_image(p, p.stat().st_mtime_ns, rule, cfg)
+        return _process(image.convert("RGB"), cfg, rule)
+    data = Path(image).read_bytes()
+    key = (hashlib.sha1(data).hexdigest(), rule, cfg)
+    if key in _image_cache:
+        _image_cache.move_to_end(key)
+        return _image_cache[key]
+    out = _process(open_image(io.BytesIO(data)), cfg, rule)
+    _image_cache[key] = out
+    if len(_image_cache) > _CACHE_SIZE:
+        _image_cache.popitem(last=False)
+    return out
 
 
 class PromptBuilder:

@@ -125,3 +125,20 @@ def test_questions_cycle():
     assert question_for(2, False) == "Can you provide a personalized caption of this photo?"
     assert question_for(2, True) == "Provide a personalized caption of the given image."
     assert question_for(3, True) == question_for(0, True)
+
+
+def test_image_cache_is_keyed_by_content(tmp_path):
+    from PIL import Image
+
+    from rlpt_fast.prompts import process_image
+    Image.new("RGB", (60, 40), "red").save(tmp_path / "a.png")
+    (tmp_path / "copy.png").write_bytes((tmp_path / "a.png").read_bytes())
+    cfg = VisionConfig()
+    first = process_image(tmp_path / "a.png", cfg)
+    assert process_image(tmp_path / "copy.png", cfg) is first
+    assert process_image(tmp_path / "a.png", cfg, "multi") is not first   # other rule, other key
+    Image.new("RGB", (60, 40), "blue").save(tmp_path / "a.png")
+    changed = process_image(tmp_path / "a.png", cfg)
+    assert changed is not first and not torch.equal(changed.pixel_values, first.pixel_values)
+    with pytest.raises(ValueError, match="rule must be one of"):
+        process_image(tmp_path / "a.png", cfg, "512")
