@@ -99,3 +99,12 @@ def test_costs_match_a_hand_count(model):
     assert model.weight_bytes() == 4 * (matmul + 448 * 64 + biases_norms)  # + embedding
     vision = sum(p.numel() for p in model.model.visual.parameters())
     assert model.vision_weight_bytes() == 4 * vision > 0
+
+
+def test_unfrozen_tower_is_differentiable_and_uncached(tiny_ckpt):
+    model = load_model(tiny_ckpt)
+    model.model.visual.requires_grad_(True)
+    px, grid = _pixels(model, [[1, 4, 4]], seed=3)
+    out = model.encode_images(px, grid)
+    out.sum().backward()
+    assert model.model.visual.merger.mlp[2].weight.grad is not None and not model._image_cache
