@@ -127,7 +127,8 @@ def process_image(image: str | Path | Image.Image, cfg: VisionConfig,
     """Decode (files: EXIF-rotated RGB), resize and patchify one image.
 
     rule: "multi" / "single" applies RePIC's 512 / 1024 resize first, "none" does not; the
-    returned scale always refers to the image as given. Files are cached by content.
+    returned scale always refers to the image as given. Files are cached by content, so
+    the result is shared: treat its tensors as read-only.
     """
     if rule not in RESIZE_RULES:
         raise ValueError(f"rule must be one of {RESIZE_RULES}, got {rule!r}")
