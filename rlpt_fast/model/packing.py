@@ -163,31 +163,29 @@ def _sdpa_attention(packed: PackedBatch) -> AttentionFn:
     return attn
 
 
-_COMPILED_FLEX = None
+_COMPILED: dict[str, object] = {}
 
 
-def _flex_kernel(device_type: str):
-    """flex_attention compiled once per process on CUDA (eager elsewhere: tests only)."""
-    global _COMPILED_FLEX
-    from torch.nn.attention.flex_attention import flex_attention
+def _flex_fns(device_type: str):
+    """(create_block_mask, flex_attention), compiled once per process on CUDA; eager elsewhere
+    (tests only: eager flex materializes the scores and has no CPU backward)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     if device_type != "cuda":
-        return flex_attention
-    if _COMPILED_FLEX is None:
-        # default dynamism: static for the first shape, symbolic once a second shape shows up,
+        return create_block_mask, flex_attention
+    if not _COMPILED:
+        # default dynamism: static for the first shape, symbolic once a second length shows up,
         # so batches of varying length do not recompile each time
-        _COMPILED_FLEX = torch.compile(flex_attention)
-    return _COMPILED_FLEX
+        _COMPILED["mask"] = torch.compile(create_block_mask)
+        _COMPILED["flex"] = torch.compile(flex_attention)
+    return _COMPILED["mask"], _COMPILED["flex"]
 
 
 def _flex_attention(packed: PackedBatch) -> AttentionFn:
-    from torch.nn.attention.flex_attention import create_block_mask
-
     n = packed.input_ids.numel()
     device = packed.seq_id.device
-    block_mask = create_block_mask(mask_mod(packed.seq_id, packed.branch), None, None, n, n,
-                                   device=device, _compile=device.type == "cuda")
-    kernel = _flex_kernel(device.type)
+    make_mask, kernel = _flex_fns(device.type)
+    block_mask = make_mask(mask_mod(packed.seq_id, packed.branch), None, None, n, n, device=device)
 
     def attn(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         o = kernel(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
