@@ -1,0 +1,247 @@
+"""Trainer: GRPO post-training of a Qwen-VL model on RePIC-format rows, in one process.
+
+One step (DESIGN.md, "One GRPO step"):
+  1. take prompts_per_step * grad_accum rows; render them (RePIC's training layout), encode each
+     distinct image once (the frozen vision tower's embeddings are reused all step);
+  2. the engine samples G completions per prompt from the trainer's own weights (no copy);
+  3. each completion is scored by its row's reward method; advantages are normalized per group;
+  4. per micro-batch: reference log-probs (adapter disabled, no grad; skipped at beta 0), then
+     the group-packed training forward and the fused GRPO loss from hidden states, backward;
+  5. clip, AdamW (fused where available) at the schedule's learning rate. With mu > 1, steps 4-5
+     repeat mu times on the same rollouts, old log-probs kept from the first pass.
+A non-finite loss or gradient norm skips the update (logged); max_nonfinite in a row abort.
+Randomness: the engine's draws are seeded from (seed, step, prompt), the LoRA dropout from torch's
+global generator, whose state checkpoints carry, so a resumed run repeats an uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from rlpt_fast.data import Row, load_rows
+from rlpt_fast.model import load_model
+from rlpt_fast.model.lora import LoRAConfig, apply_lora
+from rlpt_fast.prompts import PromptBuilder, row_rng
+from rlpt_fast.rollout import Engine, Request, SamplingParams
+from rlpt_fast.train import checkpoint as ckpt
+from rlpt_fast.train.config import TrainConfig
+from rlpt_fast.train.loss import Rollout, packed_tokens, policy_loss, reference_logprobs
+from rlpt_fast.train.metrics import step_metrics
+from rlpt_fast.train.monitor import Monitor
+from rlpt_fast.train.optim import build_optimizer, lr_at, set_lr, trainable
+from rlpt_fast.train.runtime import (PhaseTimer, derived_seed, reset_peak_memory, resolve_device,
+                                     resolve_dtype, seed_everything)
+from rlpt_fast.train.scoring import RewardFn, repic_reward, score_group
+from rlpt_fast.train.stream import PromptStream
+from rlpt_kernels import group_advantages
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss; `metrics` is the last step's."""
+
+    def __init__(self, message: str, metrics: dict):
+        super().__init__(message)
+        self.metrics = metrics
+
+
+class Trainer:
+    """config: a TrainConfig. reward_fn: (row, completion text, prompt) -> reward (default:
+    RePIC's reward of the row's method). rows: training rows (default: load config.data.files).
+    resume: continue from the latest checkpoint in train.output_dir, if there is one."""
+
+    def __init__(self, config: TrainConfig, *, reward_fn: RewardFn | None = None,
+                 rows: list[Row] | None = None, resume: bool = False):
+        self.cfg = cfg = config
+        if not cfg.model.path:
+            raise ValueError("model.path is empty: give the Qwen-VL checkpoint directory")
+        self.output_dir = Path(cfg.train.output_dir)
+        self.device = resolve_device(cfg.model.device)
+        self.dtype = resolve_dtype(cfg.model.dtype, self.device)
+        self.resume_from = ckpt.latest_checkpoint(self.output_dir) if resume else None
+        seed_everything(cfg.train.seed)
+        self.model, self.ref_model = self._build_models()
+        named = trainable(self.model)
+        self.param_names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.builder = PromptBuilder(cfg.model.path)
+        self.tokenizer = self.builder.tokenizer
+        if rows is None:
+            if not cfg.data.files:
+                raise ValueError("data.files is empty: give RePIC-format training rows (JSON/JSONL)")
+            rows = load_rows(cfg.data.files, skip_invalid=cfg.data.skip_invalid).rows
+        self.rows = rows
+        self.stream = PromptStream(rows, cfg.train.seed, shuffle=cfg.data.shuffle, task_mix=cfg.data.task_mix)
+        self.engine = Engine(self.model, **cfg.engine)
+        self.optimizer = build_optimizer(self.params, cfg.optim)
+        self.reward_fn = reward_fn or repic_reward(cfg.grpo.reward_compat)
+        self.state = ckpt.TrainerState()
+        per_step = cfg.train.prompts_per_step * cfg.train.grad_accum
+        self.total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * len(rows) / per_step)
+        if self.resume_from is not None:
+            ckpt.remove_partial(self.output_dir)
+            self.state, stream_state = ckpt.load_checkpoint(  # last: it restores the RNG states
+                self.resume_from, model=self.model, optimizer=self.optimizer,
+                param_names=self.param_names, lora=cfg.lora.enabled)
+            self.stream.load_state_dict(stream_state)
+
+    # ------------------------------------------------------------------ set-up
+    def _build_models(self) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+        cfg = self.cfg
+        full_ft = not cfg.lora.enabled
+        path = cfg.model.path
+        if full_ft and self.resume_from is not None:
+            path = str(self.resume_from / "model")
+        model = load_model(path, dtype=self.dtype, device=self.device)
+        model.gradient_checkpointing = (self.device.type == "cuda" if cfg.model.gradient_checkpointing is None
+                                        else cfg.model.gradient_checkpointing)
+        ref = None
+        if full_ft:
+            for name, p in model.named_parameters():
+                p.requires_grad_(".visual." not in f".{name}")
+            if cfg.grpo.beta > 0:  # no adapter to switch off: a frozen copy of the initial weights
+                ref = load_model(cfg.model.path, dtype=self.dtype, device=self.device).eval().requires_grad_(False)
+        else:
+            lc = cfg.lora
+            apply_lora(model, LoRAConfig(lc.r, lc.alpha, lc.dropout, tuple(lc.target_modules) or None))
+        return model.train(), ref
+
+    @property
+    def total_updates(self) -> int:
+        return self.total_steps * self.cfg.grpo.mu
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> dict:
+        """One generation batch and its mu optimizer updates; returns the step's metrics."""
+        cfg, g = self.cfg, self.cfg.grpo
+        timer = PhaseTimer(self.device)
+        reset_peak_memory(self.device)
+        engine_before = dict(self.engine.stats)
+        picks = self.stream.take(cfg.train.prompts_per_step * cfg.train.grad_accum)
+        rollouts = self._rollout(picks)
+        timer.mark("rollout")
+        self._score(rollouts)
+        timer.mark("reward")
+        pps = cfg.train.prompts_per_step
+        micro = [rollouts[i:i + pps] for i in range(0, len(rollouts), pps)]
+        if g.beta > 0:
+            for mb in micro:
+                for r, ref in zip(mb, reference_logprobs(self.model, mb, g.temperature, self.ref_model)):
+                    r.ref_logp = ref
+        timer.mark("reference")
+        updates = [self._update(micro, timer, keep_old=g.mu > 1 and i == 0) for i in range(g.mu)]
+        self.state.step += 1
+        skipped = any(u["skipped"] for u in updates)
+        self.state.nonfinite_streak = self.state.nonfinite_streak + 1 if skipped else 0
+        metrics = step_metrics(self, rollouts, updates, timer.times, engine_before, picks[-1][0],
+                               packed_tokens(self.model, rollouts) * g.mu)
+        if self.state.nonfinite_streak >= cfg.train.max_nonfinite:
+            raise NonFiniteLossError(
+                f"aborting at step {self.state.step}: {self.state.nonfinite_streak} consecutive steps had a "
+                f"non-finite loss or gradient (train.max_nonfinite={cfg.train.max_nonfinite}); "
+                f"lower optim.lr, check the data, or use model.dtype=float32", metrics)
+        return metrics
+
+    def _rollout(self, picks: list[tuple[int, int]]) -> list[Rollout]:
+        cfg, g = self.cfg, self.cfg.grpo
+        self.model.clear_image_cache()  # embeddings live for this step only (bounded memory)
+        prompts, embeds = [], []
+        for epoch, idx in picks:
+            p = self.builder.training_prompt(self.rows[idx], row_rng(cfg.train.seed, epoch, idx))
+            prompts.append(p)
+            embeds.append(None if p.pixel_values is None else
+                          self.model.encode_images(p.pixel_values.to(self.device), p.image_grid_thw))
+        requests = [Request(p.input_ids, p.pixel_values, p.image_grid_thw) for p in prompts]
+        params = [SamplingParams(n=g.num_generations, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                                 max_tokens=g.max_new_tokens,
+                                 seed=derived_seed("rollout", cfg.train.seed, self.state.step, i))
+                  for i in range(len(prompts))]
+        outs = self.engine.generate(requests, params)
+        rollouts = []
+        for (_, idx), p, e, comps in zip(picks, prompts, embeds, outs):
+            ids = [list(c.token_ids) for c in comps]
+            texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in ids]
+            rollouts.append(Rollout(self.rows[idx], p, e, ids, [c.finish_reason for c in comps], [], texts))
+        return rollouts
+
+    def _score(self, rollouts: list[Rollout]) -> None:
+        g = self.cfg.grpo
+        for r in rollouts:
+            r.rewards = score_group(self.reward_fn, r.row, r.texts, r.prompt)
+        flat = torch.tensor([x for r in rollouts for x in r.rewards], dtype=torch.float32, device=self.device)
+        adv = group_advantages(flat, g.num_generations, scale=g.scale_rewards)
+        for r, a in zip(rollouts, adv.split(g.num_generations)):
+            r.advantages = a
+
+    def _update(self, micro: list[list[Rollout]], timer: PhaseTimer, keep_old: bool) -> dict:
+        """One optimizer update over all micro-batches (gradient accumulation)."""
+        g, opt = self.cfg.grpo, self.optimizer
+        lr = lr_at(self.state.updates, self.total_updates, self.cfg.optim)
+        set_lr(opt, lr)
+        opt.zero_grad(set_to_none=True)
+        num_items = sum(sum(r.lengths) for mb in micro for r in mb)
+        scale = 1.0 if g.loss_type == "dapo" else 1.0 / len(micro)  # dapo already divides by all tokens
+        loss, kl, clip, finite = 0.0, 0.0, 0.0, True
+        self.model.train()
+        for mb in micro:
+            out = policy_loss(self.model, mb, g, num_items=num_items, keep_logp=keep_old)
+            if not torch.isfinite(out.loss).item():
+                finite = False
+                break
+            (out.loss * scale).backward()
+            loss, kl, clip = loss + out.loss.item() * scale, kl + out.kl / len(micro), clip + out.clip_ratio / len(micro)
+            if keep_old:
+                for r, lp in zip(mb, out.logp):
+                    r.old_logp = lp
+        timer.mark("train")
+        norm = float("nan")
+        if finite:
+            max_norm = self.cfg.optim.max_grad_norm or float("inf")
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            finite = math.isfinite(norm)
+        if finite:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        self.state.updates += 1
+        timer.mark("optimizer")
+        return {"loss": loss if finite else float("nan"), "kl": kl, "clip_ratio": clip, "grad_norm": norm,
+                "lr": lr, "skipped": not finite}
+
+    # ------------------------------------------------------------------ the run
+    def save(self) -> Path:
+        """Checkpoint of the current step (atomic); returns its directory."""
+        return ckpt.save_checkpoint(
+            self.output_dir, model=self.model, optimizer=self.optimizer, param_names=self.param_names,
+            state=self.state, stream_state=self.stream.state_dict(), config=self.cfg.to_dict(),
+            base_model_path=self.cfg.model.path, lora=self.cfg.lora.enabled, merged=self.cfg.train.save_merged)
+
+    def train(self) -> dict:
+        """Runs to total_steps with logging and checkpoints. Returns {"steps", "checkpoint",
+        "metrics" (path), "plots" (paths), "last" (the last step's metrics)}."""
+        t = self.cfg.train
+        mon = Monitor(self.output_dir, self.total_steps, progress=t.progress, tensorboard=t.tensorboard, plots=t.plots)
+        mon.resume_at(self.state.step)
+        if self.resume_from is not None:
+            mon.message(f"resumed from {self.resume_from} (step {self.state.step})")
+        (self.output_dir / "config.json").write_text(__import__("json").dumps(self.cfg.to_dict(), indent=2))
+        last, saved = {}, None
+        try:
+            while self.state.step < self.total_steps:
+                try:
+                    last = self.step()
+                except NonFiniteLossError as e:
+                    mon.log(e.metrics)
+                    mon.message(str(e))
+                    raise
+                mon.log(last)
+                if last["skipped"]:
+                    mon.message(f"step {last['step']}: non-finite loss or gradient, update skipped")
+                if t.checkpoint_every and self.state.step % t.checkpoint_every == 0:
+                    saved = self.save()
+            if saved is None or saved.name != ckpt.step_dir(self.output_dir, self.state.step).name:
+                saved = self.save()
+        finally:
+            plots = mon.close()
+        return {"steps": self.state.step, "checkpoint": str(saved), "metrics": str(mon.path),
+                "plots": [str(p) for p in plots], "last": last}
