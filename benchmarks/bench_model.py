@@ -25,18 +25,23 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Report, measure_ceilings, peak_memory, time_fn  # noqa: E402
+from common import Report, measure_ceilings, peak_memory, time_fn
 
-from rlpt_fast.model.config import parse_config  # noqa: E402
-from rlpt_fast.model.lora import LoRAConfig, apply_lora, lm_head_operands  # noqa: E402
-from rlpt_fast.model.model import QwenVLModel  # noqa: E402
-from rlpt_fast.model.packing import (Group, default_backend, pack_groups, packed_forward,  # noqa: E402
-                                     pad_completions)
+from rlpt_fast.model.config import parse_config
+from rlpt_fast.model.lora import LoRAConfig, apply_lora, lm_head_operands
+from rlpt_fast.model.model import QwenVLModel
+from rlpt_fast.model.packing import (
+    Group,
+    default_backend,
+    pack_groups,
+    packed_forward,
+    pad_completions,
+)
 
-QWEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
-                vision_end_token_id=151653, eos_token_id=151645)
-VISION_25 = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, window_size=112,
-                 fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu")
+QWEN_IDS = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+            "vision_end_token_id": 151653, "eos_token_id": 151645}
+VISION_25 = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+             "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "hidden_act": "silu"}
 MODELS = {  # the config.json fields of the released checkpoints that set the shapes
     "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, **QWEN_IDS),
@@ -44,8 +49,7 @@ MODELS = {  # the config.json fields of the released checkpoints that set the sh
                num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False, **QWEN_IDS),
     "small": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=False,
-                  image_token_id=2000, video_token_id=2001, vision_start_token_id=2002,
-                  vision_end_token_id=2003, eos_token_id=2004),
+                  **{k: 2000 + i for i, k in enumerate(QWEN_IDS)}),
 }
 
 
@@ -91,7 +95,7 @@ def build_model(name: str, device: str, dtype: torch.dtype) -> QwenVLModel:
 
 def make_groups(model: QwenVLModel, shape: BatchShape, device: str, seed: int = 0) -> list[Group]:
     cfg, gen = model.config, torch.Generator().manual_seed(seed)
-    text = lambda n: torch.randint(0, min(cfg.vocab_size, 1000), (n,), generator=gen)  # noqa: E731
+    text = lambda n: torch.randint(0, min(cfg.vocab_size, 1000), (n,), generator=gen)
     groups = []
     for _ in range(shape.groups):
         grids = torch.tensor(shape.image_grids)
@@ -151,25 +155,22 @@ def measure(name: str, shape: BatchShape, args, device: str, dtype: torch.dtype,
     groups = make_groups(model, shape, device)
     times = {}
     for share in (False, True):
-        fn = lambda: train_step(model, groups, share)  # noqa: E731
+        def fn(share=share):
+            train_step(model, groups, share)
         timing = time_fn(fn, device, warmup=args.warmup, repeat=args.repeat)
         flops = step_flops(model, groups, share)
         tokens = pack_groups(model, groups, share_prompt=share).input_ids.numel()
         times[share] = (timing.median, flops)
-        report.rows.append(dict(
-            model=name, packing="group" if share else "none", tokens=tokens,
-            targets=shape.groups * shape.g * shape.completion_tokens, ms=timing.median,
-            p20_ms=timing.p20, p80_ms=timing.p80, tflop=flops / 1e12,
-            tflops=flops / (timing.median * 1e-3) / 1e12,
-            mfu=flops / (timing.median * 1e-3) / (peak_tflops * 1e12),
-            peak_gib=None if not device.startswith("cuda") else peak_memory(fn, device) / 2**30))
+        rate = flops / (timing.median * 1e-3)
+        peak = peak_memory(fn, device)
+        report.rows.append({
+            "model": name, "packing": "group" if share else "none", "tokens": tokens,
+            "targets": shape.groups * shape.g * shape.completion_tokens, "ms": timing.median,
+            "p20_ms": timing.p20, "p80_ms": timing.p80, "tflop": flops / 1e12, "tflops": rate / 1e12,
+            "mfu": rate / (peak_tflops * 1e12), "peak_gib": None if peak is None else peak / 2**30})
     (t_un, f_un), (t_pk, f_pk) = times[False], times[True]
-    report.rows.append(dict(model=name, packing="saved", ms=t_un - t_pk, tflop=(f_un - f_pk) / 1e12,
-                            speedup=t_un / t_pk, flop_ratio=f_un / f_pk))
-    del model, groups
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    report.rows.append({"model": name, "packing": "saved", "ms": t_un - t_pk,
+                        "tflop": (f_un - f_pk) / 1e12, "speedup": t_un / t_pk, "flop_ratio": f_un / f_pk})
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -202,6 +203,9 @@ def main(argv: list[str] | None = None) -> dict:
     report.print_card()
     for name in names:
         measure(name, shapes[name], args, device, dtype, ceilings.matmul_tflops, report)
+        gc.collect()  # the model goes with measure's frame; free it before building the next
+        if gpu:
+            torch.cuda.empty_cache()
     report.print_table(["model", "packing", "tokens", "targets", "ms", "p20_ms", "p80_ms", "tflop",
                         "tflops", "mfu", "peak_gib", "speedup", "flop_ratio"])
     saved = [r for r in report.rows if r["packing"] == "saved"]

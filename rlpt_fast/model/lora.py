@@ -12,10 +12,10 @@ import json
 import math
 import re
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,6 @@ from torch import nn
 from .loader import canonical_key  # released (transformers-4) key layout -> ours
 
 PEFT_PREFIX = "base_model.model."
-_DEFAULT_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 
 
 @dataclass

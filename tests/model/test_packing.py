@@ -18,7 +18,7 @@ class RopeStub:
 
 def _groups() -> list[Group]:
     gen = torch.Generator().manual_seed(0)
-    ids = lambda n: torch.randint(0, 50, (n,), generator=gen)  # noqa: E731
+    ids = lambda n: torch.randint(0, 50, (n,), generator=gen)
     return [Group(ids(5), [ids(3), ids(1), ids(4)]), Group(ids(7), [ids(2), ids(6)])]
 
 
@@ -67,7 +67,7 @@ def test_layout_positions_and_predictors(share_prompt):
         for k, c in enumerate(g.completions):
             for j in range(c.numel()):
                 row = int(packed.predict_index[t])
-                seq, comp, off = roles[row]
+                _, comp, off = roles[row]
                 assert packed.target_ids[t] == c[j]
                 assert packed.input_ids[row] == full[k][p + j - 1]
                 if j == 0:
@@ -115,8 +115,8 @@ def model(tmp_path_factory):
 def _model_groups(model) -> list[Group]:
     """A text prompt and a prompt with two images; completions of lengths 1 to 9."""
     cfg, gen = model.config, torch.Generator().manual_seed(3)
-    text = lambda n: torch.randint(0, 300, (n,), generator=gen)  # noqa: E731
-    image = lambda t, h, w: [torch.tensor([cfg.vision_start_token_id]),  # noqa: E731
+    text = lambda n: torch.randint(0, 300, (n,), generator=gen)
+    image = lambda t, h, w: [torch.tensor([cfg.vision_start_token_id]),
                              torch.full((t * h * w // 4,), cfg.image_token_id), torch.tensor([cfg.vision_end_token_id])]
     grids = torch.tensor([[1, 4, 6], [1, 6, 4]])
     prompt = torch.cat([text(3), *image(1, 4, 6), text(2), *image(1, 6, 4), text(4)])
@@ -177,9 +177,9 @@ def _assert_same_grads(model, groups):
 
 
 def test_packed_gradients_of_lora_equal_separate_forwards(model):
-    from rlpt_fast.model.lora import LoRAConfig, apply_lora, lora_layers
-
     import copy
+
+    from rlpt_fast.model.lora import LoRAConfig, apply_lora, lora_layers
     m = copy.deepcopy(model)
     apply_lora(m, LoRAConfig(r=4, alpha=8, dropout=0.0))
     gen = torch.Generator().manual_seed(5)
