@@ -153,6 +153,18 @@ def test_lm_head_weight_and_operands_match_the_module_with_gradients():
         assert lm_head_weight(model) is head.base_layer.weight
 
 
+def test_load_adapter_names_the_tensor_that_does_not_fit(tmp_path):
+    from rlpt_fast.model.lora import load_adapter, save_adapter
+
+    model = Toy()
+    apply_lora(model, LoRAConfig(r=2))
+    save_adapter(model, tmp_path)
+    other = Toy()
+    apply_lora(other, LoRAConfig(r=3))
+    with pytest.raises(ValueError, match=r"lora_A\.weight. has shape \(2, 8\), expected \(3, 8\)"):
+        load_adapter(other, tmp_path)
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_merge_folds_adapter_and_leaves_tied_embeddings_alone(tie):
     model = Toy(tie).eval()
@@ -170,15 +182,17 @@ def test_merge_folds_adapter_and_leaves_tied_embeddings_alone(tie):
 
 # ---------------------------------------------------------------- our model, peft, transformers
 
-CASES = [("qwen2_5_vl", False), ("qwen2_vl", True)]  # both architectures, untied and tied heads
+# both architectures, untied and tied heads, transformers-5 and released key layouts
+CASES = [("qwen2_5_vl", False, "new"), ("qwen2_vl", True, "old")]
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[f"{a}-{'tied' if t else 'untied'}" for a, t in CASES])
+@pytest.fixture(scope="module", params=CASES, ids=[f"{a}-tied{t}-{k}" for a, t, k in CASES])
 def ckpt(request, tmp_path_factory):
     from rlpt_fast.testing import write_tiny_checkpoint
 
-    arch, tie = request.param
-    return write_tiny_checkpoint(tmp_path_factory.mktemp(arch), arch, seed=1, tie_word_embeddings=tie)
+    arch, tie, layout = request.param
+    return write_tiny_checkpoint(tmp_path_factory.mktemp(arch), arch, seed=1, tie_word_embeddings=tie,
+                                 key_layout=layout)
 
 
 def _inputs(model):
@@ -266,11 +280,15 @@ def test_saved_adapter_loads_in_peft_with_the_same_logits_and_keys(adapted, ckpt
 
 
 def test_merged_checkpoint_loads_in_transformers_with_the_same_logits(adapted, ckpt, tmp_path):
+    from safetensors import safe_open
+
     from rlpt_fast.model.lora import save_merged
 
     model, x, _, logits = adapted
     out = save_merged(model, ckpt, tmp_path / "merged")
     assert {f.name for f in ckpt.iterdir()} <= {f.name for f in out.iterdir()}
+    keys = [set(safe_open(str(d / "model.safetensors"), "pt").keys()) for d in (ckpt, out)]
+    assert keys[1] == keys[0] | {"lm_head.weight"}  # the checkpoint's own layout; a LoRA head is written
     torch.testing.assert_close(_their_logits(_theirs(out), *x), logits, rtol=0, atol=1e-4)
     with torch.no_grad():
         torch.testing.assert_close(_ours(out).logits(*x), logits, rtol=0, atol=1e-4)
