@@ -43,6 +43,7 @@ def paged_attention(kv_cache: torch.Tensor, backend: Backend, meta: DecodeMeta |
                     prefill: PrefillMeta | None, slot_mapping: torch.Tensor) -> AttentionFn:
     """kv_cache: (2, L, num_blocks, block_size, Hkv, D). Exactly one of meta / prefill is given."""
     scale = kv_cache.shape[-1] ** -0.5
+    gathered = []  # torch backend: context slots computed once per step, shared by all layers
 
     def attn(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = kv_cache[0, layer_idx], kv_cache[1, layer_idx]
@@ -52,6 +53,8 @@ def paged_attention(kv_cache: torch.Tensor, backend: Backend, meta: DecodeMeta |
         if backend.name == "triton":
             return backend.decode_attention(q.contiguous(), k_cache, v_cache, meta.block_tables, meta.context_lens,
                                             scale, meta.num_splits, meta.max_context)
-        return backend.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+        if not gathered:
+            gathered.extend(dec.context_slots(meta.block_tables, meta.context_lens, k_cache.shape[1]))
+        return dec.attend_slots(q, k_cache, v_cache, *gathered, scale)
 
     return attn

@@ -14,30 +14,44 @@ merges the partial results by their log-sum-exp.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, context_lens: torch.Tensor,
-                               scale: float, num_splits: int = 1) -> torch.Tensor:
+                               scale: float, num_splits: int = 1, max_context: int | None = None) -> torch.Tensor:
     """q: (B, Hq, D); k_cache, v_cache: (num_blocks, block_size, Hkv, D); block_tables: (B, W) int32
     (entries past a sequence's blocks are ignored); context_lens: (B,) int32, each >= 1.
-    Returns (B, Hq, D) in q's dtype, computed in float32. num_splits is ignored (same signature)."""
+    Returns (B, Hq, D) in q's dtype, computed in float32. num_splits / max_context are ignored
+    (same signature as the Triton version)."""
     _check(q, k_cache, v_cache, block_tables, context_lens)
-    b, hq, d = q.shape
-    bs, hkv = k_cache.shape[1], k_cache.shape[2]
-    width = block_tables.shape[1] * bs
-    t = torch.arange(width, device=q.device)
-    slots = block_tables.long()[:, t // bs] * bs + t % bs                         # (B, W*bs)
-    valid = t[None, :] < context_lens[:, None].long()                             # (B, W*bs)
-    slots = torch.where(valid, slots, 0)
-    k = k_cache.reshape(-1, hkv, d)[slots].float().repeat_interleave(hq // hkv, 2)  # (B, T, Hq, D)
-    v = v_cache.reshape(-1, hkv, d)[slots].float().repeat_interleave(hq // hkv, 2)
-    v = torch.where(valid[:, :, None, None], v, 0.0)  # unused slots may hold anything, even NaN
-    s = torch.einsum("bhd,bthd->bht", q.float() * scale, k)
-    s = s.masked_fill(~valid[:, None, :], float("-inf"))
-    return torch.einsum("bht,bthd->bhd", s.softmax(-1), v).to(q.dtype)
+    slots, valid = context_slots(block_tables, context_lens, k_cache.shape[1])
+    return attend_slots(q, k_cache, v_cache, slots, valid, scale)
+
+
+def context_slots(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cache slot of every context position: (slots (B, W*block_size) int64, valid (B, W*block_size) bool).
+
+    Invalid positions point at the sequence's own first token (real, finite values): unused cache
+    rows may hold anything, even NaN, and 0 * NaN would leak through the softmax weights."""
+    t = torch.arange(block_tables.shape[1] * block_size, device=block_tables.device)
+    slots = block_tables.long()[:, t // block_size] * block_size + t % block_size
+    valid = t[None, :] < context_lens[:, None].long()
+    return torch.where(valid, slots, slots[:, :1]), valid
+
+
+def attend_slots(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                 valid: torch.Tensor, scale: float) -> torch.Tensor:
+    """Decode attention over gathered context slots (see context_slots); computed in float32."""
+    hq, hkv, d = q.shape[1], k_cache.shape[2], k_cache.shape[3]
+    k = k_cache.view(-1, hkv, d)[slots].transpose(1, 2).float()                    # (B, Hkv, T, D)
+    v = v_cache.view(-1, hkv, d)[slots].transpose(1, 2).float()
+    out = F.scaled_dot_product_attention(q.float()[:, :, None], k, v, attn_mask=valid[:, None, None, :],
+                                         scale=scale, enable_gqa=hq != hkv)      # (B, Hq, 1, D)
+    return out[:, :, 0].to(q.dtype)
 
 
 @triton.jit

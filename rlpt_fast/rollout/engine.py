@@ -13,6 +13,7 @@ enough; several engines on one model are allowed (each has its own cache).
 from __future__ import annotations
 
 import hashlib
+import time
 
 import torch
 
@@ -38,7 +39,8 @@ class Engine:
                                    self.block_manager)
         self.eos_token_ids = frozenset(model.config.eos_token_ids)
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "generated_tokens": 0,
-                      "prefill_steps": 0, "decode_steps": 0, "prefix_cache_hit_tokens": 0}
+                      "prefill_steps": 0, "decode_steps": 0, "prefix_cache_hit_tokens": 0,
+                      "prefill_seconds": 0.0, "decode_seconds": 0.0}
 
     @property
     def num_blocks(self) -> int:
@@ -92,12 +94,14 @@ class Engine:
         """One scheduled step; returns the sequences it finished."""
         preempted = self.scheduler.num_preemptions
         hits = self.block_manager_hits()
+        t0 = time.perf_counter()
         batch = self.scheduler.schedule()
-        samples = self.runner.run(batch)
+        samples = self.runner.run(batch)  # ends with the step's host sync, so the clock is fair
         finished = self.scheduler.postprocess(batch, samples)
         kind = "prefill" if batch.is_prefill else "decode"
         self.stats[f"{kind}_tokens"] += batch.num_tokens
         self.stats[f"{kind}_steps"] += 1
+        self.stats[f"{kind}_seconds"] += time.perf_counter() - t0
         self.stats["generated_tokens"] += sum(len(s) for s in samples)
         self.stats["preemptions"] += self.scheduler.num_preemptions - preempted
         self.stats["prefix_cache_hit_tokens"] += self.block_manager_hits() - hits

@@ -204,9 +204,10 @@ class ModelRunner:
             return self.graphs.run(ids, pos, slots, lens, [s.block_table for s in seqs])
         width = max(len(s.block_table) for s in seqs)
         tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32)
-        meta = DecodeMeta(torch.tensor(slots, device=dev), tables.to(dev), torch.tensor(lens, dtype=torch.int32, device=dev),
+        ids_t, pos_t, slots_t, lens_t = torch.tensor([ids, pos, slots, lens]).to(dev, non_blocking=True)  # one copy
+        meta = DecodeMeta(slots_t, tables.to(dev, non_blocking=True), lens_t.int(),
                           choose_num_splits(len(seqs), self.num_kv_heads, max(lens), self.num_sms), width * bs)
-        return self.decode_logits(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev).expand(3, -1), meta)
+        return self.decode_logits(ids_t, pos_t.expand(3, -1), meta)
 
     def decode_logits(self, ids: torch.Tensor, positions: torch.Tensor, meta: DecodeMeta) -> torch.Tensor:
         """One decode forward (B tokens) -> logits (B, V). No host sync: CUDA graphs capture this."""

@@ -37,11 +37,10 @@ class SamplingTensors:
     @classmethod
     def from_rows(cls, rows: list[tuple[float, int, float, int, int, int]], device) -> "SamplingTensors":
         """rows: (temperature, top_k, top_p, seed, sample_index, position) per row."""
-        cols = list(zip(*rows))
-        f = lambda c: torch.tensor(c, dtype=torch.float32).to(device, non_blocking=True)  # noqa: E731
-        i = lambda c: torch.tensor(c, dtype=torch.int64).to(device, non_blocking=True)  # noqa: E731
+        floats = torch.tensor([(r[0], r[2]) for r in rows], dtype=torch.float32).to(device, non_blocking=True)
+        ints = torch.tensor([(r[1], r[3], r[4], r[5]) for r in rows], dtype=torch.int64).to(device, non_blocking=True)
         filtered = any(t > 0 and (k > 0 or p < 1.0) for t, k, p, *_ in rows)
-        return cls(f(cols[0]), i(cols[1]), f(cols[2]), i(cols[3]), i(cols[4]), i(cols[5]), filtered)
+        return cls(floats[:, 0], ints[:, 0], floats[:, 1], ints[:, 1], ints[:, 2], ints[:, 3], filtered)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
