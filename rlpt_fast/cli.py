@@ -18,6 +18,8 @@ from importlib import import_module
 COMMANDS: dict[str, tuple[str, str]] = {
     "score-captions": ("rlpt_fast.metrics",
                        "RePIC's name precision/recall/F1 of personalized caption files"),
+    "train": ("rlpt_fast.train.cli", "GRPO post-training from a TOML config (RePIC's recipe by default)"),
+    "caption": ("rlpt_fast.caption", "personalized captions of a query set (skip-retrieval, greedy)"),
 }
 
 

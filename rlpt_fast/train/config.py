@@ -6,7 +6,7 @@ Loaded from TOML (`load_config(path, overrides)`), one table per section:
     [lora]   enabled, r, alpha, dropout, target_modules        (enabled=false: full fine-tuning)
     [data]   files, task_mix, skip_invalid, shuffle
     [grpo]   num_generations, beta, kl, eps_low, eps_high, loss_type, mu, scale_rewards,
-             max_new_tokens, temperature, top_p, top_k, reward_compat
+             max_new_tokens, temperature, top_p, top_k, reward_compat, reward_fn
     [optim]  lr, schedule, warmup_steps, weight_decay, betas, adam_eps, max_grad_norm, fused
     [train]  prompts_per_step, grad_accum, epochs, max_steps, seed, output_dir,
              checkpoint_every, save_merged, max_nonfinite, progress, plots, tensorboard
@@ -101,7 +101,10 @@ class DataSection:
 @dataclass
 class GRPOSection:
     """num_generations: G completions per prompt. mu: policy updates per generated batch (old
-    log-probs kept from the first pass when mu > 1). scale_rewards: group|batch|none."""
+    log-probs kept from the first pass when mu > 1). scale_rewards: group|batch|none.
+    reward_compat: "repic" (RePIC's reward code, quirks included) or "strict" (rlpt_fast.rewards).
+    reward_fn: "" (RePIC's rewards) or "package.module:function", called as
+    function(row, completion_text, prompt) -> float in [0, 1] for every completion."""
     num_generations: int = 8
     beta: float = 0.04
     kl: str = "k3"
@@ -115,6 +118,7 @@ class GRPOSection:
     top_p: float = 1.0
     top_k: int = 0
     reward_compat: str = "repic"
+    reward_fn: str = ""
 
     def __post_init__(self):
         _check(self.num_generations >= 2, "grpo.num_generations",
@@ -132,6 +136,8 @@ class GRPOSection:
         _check(self.top_k >= 0, "grpo.top_k", f"must be >= 0, got {self.top_k}")
         _check(self.reward_compat in COMPATS, "grpo.reward_compat",
                f"must be one of {COMPATS}, got {self.reward_compat!r}")
+        _check(not self.reward_fn or ":" in self.reward_fn, "grpo.reward_fn",
+               f"must be 'module:function', got {self.reward_fn!r}")
 
 
 @dataclass

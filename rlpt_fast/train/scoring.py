@@ -24,6 +24,20 @@ def repic_reward(compat: str) -> RewardFn:
     return fn
 
 
+def import_reward(spec: str) -> RewardFn:
+    """'package.module:function' -> the function (the config's grpo.reward_fn)."""
+    from importlib import import_module
+
+    module, _, attr = spec.partition(":")
+    try:
+        fn = getattr(import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"grpo.reward_fn={spec!r}: cannot import it: {e}") from None
+    if not callable(fn):
+        raise ValueError(f"grpo.reward_fn={spec!r} is not callable")
+    return fn
+
+
 def score_group(fn: RewardFn, row: Row, texts: list[str], prompt: Prompt) -> list[float]:
     """Rewards of one prompt's completions; RewardError (chained) if `fn` raises or returns a
     non-finite value."""

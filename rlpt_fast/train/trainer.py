@@ -33,7 +33,7 @@ from rlpt_fast.train.monitor import Monitor
 from rlpt_fast.train.optim import build_optimizer, lr_at, set_lr, trainable
 from rlpt_fast.train.runtime import (PhaseTimer, derived_seed, reset_peak_memory, resolve_device,
                                      resolve_dtype, seed_everything)
-from rlpt_fast.train.scoring import RewardFn, repic_reward, score_group
+from rlpt_fast.train.scoring import RewardFn, import_reward, repic_reward, score_group
 from rlpt_fast.train.stream import PromptStream
 from rlpt_kernels import group_advantages
 
@@ -75,7 +75,8 @@ class Trainer:
         self.stream = PromptStream(rows, cfg.train.seed, shuffle=cfg.data.shuffle, task_mix=cfg.data.task_mix)
         self.engine = Engine(self.model, **cfg.engine)
         self.optimizer = build_optimizer(self.params, cfg.optim)
-        self.reward_fn = reward_fn or repic_reward(cfg.grpo.reward_compat)
+        self.reward_fn = reward_fn or (import_reward(cfg.grpo.reward_fn) if cfg.grpo.reward_fn
+                                       else repic_reward(cfg.grpo.reward_compat))
         self.state = ckpt.TrainerState()
         per_step = cfg.train.prompts_per_step * cfg.train.grad_accum
         self.total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * len(rows) / per_step)
@@ -120,6 +121,7 @@ class Trainer:
         engine_before = dict(self.engine.stats)
         picks = self.stream.take(cfg.train.prompts_per_step * cfg.train.grad_accum)
         rollouts = self._rollout(picks)
+        self.last_rollouts = rollouts  # for inspection (tests, reports); replaced every step
         timer.mark("rollout")
         self._score(rollouts)
         timer.mark("reward")

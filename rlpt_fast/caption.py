@@ -1,0 +1,105 @@
+"""`rlpt caption`: personalized captions of a query set, RePIC's skip-retrieval evaluation.
+
+For each query the ground-truth concepts' references are inserted directly (database order),
+then the query image and a question cycling through RePIC's list, rendered in RePIC's inference
+layout (rlpt_fast.prompts.inference_messages); decoding is greedy. The output file is RePIC's
+caption format, a JSON list of `[query_image, [gt concept keys], caption, question]`, so
+
+    rlpt caption --model DIR --database database_mod.json --queries Q.json --out caps.json
+    rlpt score-captions caps.json --protocol 2-concept
+
+scores it. Query images are written as the query file names them. RePIC ran this with
+max_pixels = 1024*28*28 and up to 1024 new tokens (the defaults here).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from rlpt_fast.data import ConceptDatabase, Query, load_database, load_queries
+from rlpt_fast.prompts import INFERENCE_MAX_PIXELS, PromptBuilder, question_for
+
+
+def query_names(path: str | Path) -> list[str]:
+    """The query image strings as the file writes them, one per Query of load_queries (subsets expanded)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    out = []
+    for img, keys in data.items():
+        out += [img] * (len(keys) if keys and all(isinstance(k, list) for k in keys) else 1)
+    return out
+
+
+def caption_queries(model, builder: PromptBuilder, database: ConceptDatabase, queries: list[Query], *,
+                    names: list[str] | None = None, max_new_tokens: int = 1024, multi_questions: bool = False,
+                    batch: int = 64, engine=None) -> list[list]:
+    """Greedy captions; returns RePIC caption rows [image, [keys], caption, question].
+    names: the image strings to write (default: the resolved paths). engine: reuse one (else built)."""
+    from rlpt_fast.rollout import Engine, Request, SamplingParams
+
+    rows, pending = [], []
+    for i, q in enumerate(queries):
+        question = question_for(i, multi_questions)
+        prompt = builder.inference_prompt(database.select(list(q.concepts)), q.image, question)
+        pending.append((i, q, question, prompt))
+    longest = max((p.input_ids.numel() for *_, p in pending), default=1)
+    if engine is None:
+        engine = Engine(model, max_model_len=max(4096, longest + max_new_tokens))
+    params = SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens)
+    tok = builder.tokenizer
+    for start in range(0, len(pending), batch):
+        chunk = pending[start:start + batch]
+        outs = engine.generate([Request(p.input_ids, p.pixel_values, p.image_grid_thw) for *_, p in chunk], params)
+        for (i, q, question, _), (comp,) in zip(chunk, outs):
+            text = tok.decode(comp.token_ids, skip_special_tokens=True).strip()
+            rows.append([names[i] if names else str(q.image), list(q.concepts), text, question])
+    return rows
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="Qwen-VL checkpoint directory (base or merged)")
+    p.add_argument("--adapter", help="optional PEFT LoRA adapter directory (rlpt train's checkpoints/step-*/adapter)")
+    p.add_argument("--database", required=True, help="database_mod.json (concept_dict with names, images, info)")
+    p.add_argument("--queries", required=True, help="*_query_templates.json: query image -> concept keys")
+    p.add_argument("--out", required=True, help="caption file to write (RePIC's JSON format)")
+    p.add_argument("--image-root", help="directory query image paths are relative to (default: the query file's)")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="RePIC: 1024")
+    p.add_argument("--max-pixels", type=int, default=INFERENCE_MAX_PIXELS, help="per image; RePIC: 1024*28*28")
+    p.add_argument("--questions", choices=("single", "multi"), default="single",
+                   help="which of RePIC's question lists to cycle (their committed files use 'single')")
+    p.add_argument("--limit", type=int, default=0, help="caption only the first N queries (0 = all)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
+    p.add_argument("--device", default="auto")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rlpt_fast.model import load_model
+    from rlpt_fast.model.lora import load_adapter
+    from rlpt_fast.train.runtime import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    model = load_model(args.model, dtype=resolve_dtype(args.dtype, device), device=device).eval()
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    builder = PromptBuilder(args.model, inference_max_pixels=args.max_pixels)
+    database = load_database(args.database)
+    queries = load_queries(args.queries, image_root=args.image_root)
+    names = query_names(args.queries)
+    if args.limit:
+        queries, names = queries[:args.limit], names[:args.limit]
+    missing = [str(q.image) for q in queries if not q.image.is_file()]
+    if missing:
+        print(f"rlpt caption: {len(missing)} query image(s) not found, e.g. {missing[0]} "
+              f"(use --image-root)", file=sys.stderr)
+        return 1
+    with torch.no_grad():
+        rows = caption_queries(model, builder, database, queries, names=names, max_new_tokens=args.max_new_tokens,
+                               multi_questions=args.questions == "multi")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1, ensure_ascii=False))
+    print(json.dumps({"out": str(out), "captions": len(rows)}))
+    return 0

@@ -1,0 +1,48 @@
+"""`rlpt train CONFIG.toml [--key=value ...] [--resume]`: GRPO post-training from a config file.
+
+The algorithm is RePIC's (RECIPE.md) and the defaults reproduce its run; see
+rlpt_fast/train/trainer.py for the step and rlpt_fast/train/config.py for every key.
+
+    rlpt train run.toml                                  # one GPU (or the CPU)
+    rlpt train run.toml --grpo.beta=0 --lr=2e-5          # overrides: --section.key=value or --key=value
+    rlpt train run.toml --resume                         # continue from the latest checkpoint
+
+Exit status 1 with a one-line reason on a bad config, bad data, a reward that raised, or too many
+non-finite steps in a row. The last line printed is a JSON summary (steps, checkpoint, metrics).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="TOML file ([model], [lora], [data], [grpo], [optim], [train], [engine])")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in train.output_dir (fresh start if none)")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="--section.key=value",
+                   help="config overrides, values in TOML syntax (--grpo.beta=0, --data.files='[\"a.jsonl\"]')")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rlpt_fast.data import DataError
+    from rlpt_fast.train.config import ConfigError, load_config
+    from rlpt_fast.train.scoring import RewardError
+
+    overrides = [a for a in args.overrides if a != "--resume"]
+    resume = args.resume or "--resume" in args.overrides
+    try:
+        cfg = load_config(args.config, overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"rlpt train: {e}", file=sys.stderr)
+        return 1
+    from rlpt_fast.train.trainer import NonFiniteLossError, Trainer
+
+    try:
+        summary = Trainer(cfg, resume=resume).train()
+    except (DataError, RewardError, NonFiniteLossError, ValueError) as e:
+        print(f"rlpt train: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: v for k, v in summary.items() if k != "last"}))
+    return 0

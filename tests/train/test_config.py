@@ -1,0 +1,67 @@
+"""TrainConfig: RePIC defaults, TOML loading, overrides, and errors that name the key."""
+import pytest
+
+from rlpt_fast.train.config import ConfigError, TrainConfig, load_config, parse_override
+
+
+def test_defaults_are_repics_run():
+    c = TrainConfig()
+    assert (c.lora.enabled, c.lora.r, c.lora.alpha, c.lora.dropout, c.lora.target_modules) == (True, 64, 128.0, 0.05, [])
+    g = c.grpo
+    assert (g.num_generations, g.beta, g.kl, g.eps_low, g.eps_high, g.loss_type, g.mu) == (8, 0.04, "k3", 0.2, 0.2, "grpo", 1)
+    assert (g.max_new_tokens, g.temperature, g.top_p, g.reward_compat) == (256, 1.0, 1.0, "repic")
+    assert (c.optim.lr, c.optim.schedule, c.train.prompts_per_step, c.train.epochs) == (1e-5, "linear", 2, 2)
+
+
+def test_toml_relative_paths_and_overrides(tmp_path):
+    (tmp_path / "run.toml").write_text(
+        '[model]\npath = "ckpt"\n[data]\nfiles = ["a.jsonl", "/abs/b.jsonl"]\ntask_mix = {iou = 0, yes_no = 2}\n'
+        '[grpo]\nbeta = 0.0\n[train]\noutput_dir = "out"\n[engine]\nblock_size = 8\n')
+    c = load_config(tmp_path / "run.toml", ["--grpo.num_generations=4", "--lr=3e-4", "--loss_type=dapo",
+                                            "--train.save_merged=true", "--optim.betas=[0.9, 0.95]"])
+    assert c.model.path == str(tmp_path / "ckpt")
+    assert c.data.files == [str(tmp_path / "a.jsonl"), "/abs/b.jsonl"]
+    assert c.data.task_mix == {"iou": 0, "yes_no": 2}
+    assert c.train.output_dir == str(tmp_path / "out")
+    assert (c.grpo.beta, c.grpo.num_generations, c.optim.lr, c.grpo.loss_type) == (0.0, 4, 3e-4, "dapo")
+    assert c.train.save_merged is True and c.optim.betas == [0.9, 0.95] and c.engine == {"block_size": 8}
+    assert TrainConfig.from_dict(c.to_dict()) == c
+
+
+def test_override_values_parse_as_toml():
+    assert parse_override("--grpo.beta=0") == ("grpo.beta", 0)
+    assert parse_override("--model.path=/x/y") == ("model.path", "/x/y")
+    assert parse_override("--train.progress=false") == ("train.progress", False)
+    assert parse_override("--max-new-tokens=12") == ("max_new_tokens", 12)
+
+
+@pytest.mark.parametrize("toml, overrides, needle", [
+    ("[grpo]\nbetta = 0.1\n", [], "grpo.betta"),
+    ("[trainer]\nx = 1\n", [], "[trainer]"),
+    ("", ["--grpo.nope=1"], "grpo.nope"),
+    ("", ["--nope=1"], "--nope"),
+    ("", ["--seed=x"], "train.seed"),
+    ("", ["--grpo.kl=k4"], "grpo.kl"),
+    ("", ["--grpo.num_generations=1"], "grpo.num_generations"),
+    ("", ["--lora.dropout=1.5"], "lora.dropout"),
+    ("", ["--data.task_mix={bogus = 1}"], "bogus"),
+    ("", ["--engine.block_sz=8"], "block_sz"),
+    ("", ["--engine.block_size=0"], "block_size"),
+    ("", ["--grpo.reward_fn=nocolon"], "grpo.reward_fn"),
+    ("[grpo]\nbeta = \n", [], "not valid TOML"),
+])
+def test_errors_name_the_key(tmp_path, toml, overrides, needle):
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as e:
+        load_config(path, overrides)
+    assert needle in str(e.value)
+
+
+def test_every_bare_key_resolves_to_its_section():
+    from rlpt_fast.train.config import SECTION_TYPES, _resolve_key
+
+    for section, kind in SECTION_TYPES.items():
+        for name in kind.__dataclass_fields__:
+            assert _resolve_key(name) == (section, name)
+    assert load_config(None, ["--enabled=false"]).lora.enabled is False
