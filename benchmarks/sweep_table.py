@@ -1,0 +1,45 @@
+"""One screen: the newest record of each benchmark subject and its summary figures.
+
+    python benchmarks/sweep_table.py [--since-git REV]
+Reads benchmarks/results/*.jsonl (each line one benchmark run, see common.Report) and prints,
+per subject, the device, date and every entry of the run's summary (the goals' ratios).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def newest_records(since_git: str | None) -> list[dict]:
+    records = []
+    for path in sorted(RESULTS.glob("*.jsonl")):
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if since_git:
+            lines = [r for r in lines if r.get("git") == since_git] or lines
+        if lines:
+            records.append(lines[-1])
+    return records
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--since-git", help="prefer records of this git revision")
+    args = p.parse_args()
+    rows = []
+    for rec in newest_records(args.since_git):
+        head = f"{rec.get('subject')} on {rec.get('device')} ({rec.get('date', '?')[:10]})"
+        for key, value in (rec.get("summary") or {}).items():
+            shown = f"{value:.3g}" if isinstance(value, float) else str(value)
+            rows.append((head, key, shown))
+        if not rec.get("summary"):
+            rows.append((head, "(no summary)", ""))
+    width = [max(len(r[i]) for r in rows) if rows else 0 for i in range(3)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, width, strict=True)))
+
+
+if __name__ == "__main__":
+    main()
