@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 # Metrics drawn at the end: (file stem, title, metric-name prefixes)
@@ -64,7 +65,7 @@ class Monitor:
         if self.bar is not None:
             self.bar.write(text)
         else:
-            print(text, flush=True)
+            print(text, file=sys.stderr, flush=True)
 
     def history(self) -> list[dict]:
         if not self.path.exists():

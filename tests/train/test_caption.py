@@ -1,0 +1,52 @@
+"""`rlpt caption` writes RePIC's caption format, greedy captions, and score-captions scores it."""
+import json
+
+import torch
+
+from rlpt_fast.cli import main
+from rlpt_fast.data import load_database, load_queries
+from rlpt_fast.metrics import load_captions, score_records
+from rlpt_fast.model import load_model
+from rlpt_fast.prompts import SINGLE_QUESTIONS, PromptBuilder
+
+
+def greedy(model, prompt, max_new: int, eos: set[int]) -> list[int]:
+    """Plain greedy decoding with full dense forwards (no KV cache): the reference."""
+    ids, out = prompt.input_ids, []
+    for _ in range(max_new):
+        nxt = int(model.logits(torch.cat([ids, torch.tensor(out, dtype=torch.long)]),
+                               prompt.pixel_values, prompt.image_grid_thw)[-1].argmax())
+        out.append(nxt)
+        if nxt in eos:
+            break
+    return out
+
+
+def test_caption_file_is_repics_format_and_scores(tmp_path, ckpt, world, capsys):
+    out = tmp_path / "caps.json"
+    rc = main(["caption", "--model", str(ckpt), "--database", str(world.database), "--queries", str(world.queries),
+               "--out", str(out), "--max-new-tokens", "6", "--dtype", "float32", "--device", "cpu"])
+    assert rc == 0
+    rows = json.loads(out.read_text())
+    spec = json.loads(world.queries.read_text())
+    assert [r[0] for r in rows] == list(spec) and [r[1] for r in rows] == list(spec.values())
+    assert [r[3] for r in rows] == [SINGLE_QUESTIONS[i % 4] for i in range(len(rows))]
+
+    model, builder = load_model(ckpt).eval(), PromptBuilder(ckpt, inference_max_pixels=1024 * 28 * 28)
+    db = load_database(world.database)
+    eos = set(model.config.eos_token_ids)
+    with torch.no_grad():
+        for row, q in zip(rows, load_queries(world.queries)):
+            prompt = builder.inference_prompt(db.select(list(q.concepts)), q.image, row[3])
+            want = builder.tokenizer.decode(greedy(model, prompt, 6, eos), skip_special_tokens=True).strip()
+            assert row[2] == want
+
+    # score-captions reads the file; with a caption naming the concept it scores that slot
+    rows[0][2] = f"A photo of {rows[0][1][0]} on a table."
+    out.write_text(json.dumps(rows))
+    capsys.readouterr()
+    assert main(["score-captions", str(out), "--protocol", "2-concept", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    want = score_records(load_captions(out), "2-concept")
+    assert (got["recall"], got["slots"], got["correct"]) == (round(want.recall, 4), want.slots, want.correct)
+    assert got["correct"] >= 1 and got["slots"] == sum(len(r[1]) for r in rows)
