@@ -11,6 +11,7 @@ import torch
 from rlpt_fast.model.attention import AttentionFn
 from rlpt_fast.rollout import decode_attention as dec
 from rlpt_fast.rollout import kv_store
+from rlpt_fast.rollout.cascade_attention import CascadeMeta, cascade_decode_attention
 from rlpt_fast.rollout.prefill_attention import PrefillMeta, prefill_attention
 
 
@@ -31,19 +32,21 @@ def choose_backend(device: torch.device, preference: str = "auto") -> Backend:
 @dataclass
 class DecodeMeta:
     """slot_mapping (B,) int64 (-1: padding row); block_tables (B, W) int32; context_lens (B,)
-    int32; num_splits / max_context are host ints fixed per batch shape (CUDA-graph safe)."""
+    int32; num_splits / max_context are host ints fixed per batch shape (CUDA-graph safe);
+    cascade: the shared-prefix grouping (torch backend only)."""
     slot_mapping: torch.Tensor
     block_tables: torch.Tensor
     context_lens: torch.Tensor
     num_splits: int
     max_context: int
+    cascade: CascadeMeta | None = None  # torch backend: forked groups read their shared prompt once
 
 
 def paged_attention(kv_cache: torch.Tensor, backend: Backend, meta: DecodeMeta | None,
                     prefill: PrefillMeta | None, slot_mapping: torch.Tensor) -> AttentionFn:
     """kv_cache: (2, L, num_blocks, block_size, Hkv, D). Exactly one of meta / prefill is given."""
     scale = kv_cache.shape[-1] ** -0.5
-    gathered = []  # torch backend: context slots computed once per step, shared by all layers
+    gathered: dict = {}  # torch backend: context slots computed once per step, shared by all layers
 
     def attn(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = kv_cache[0, layer_idx], kv_cache[1, layer_idx]
@@ -53,8 +56,10 @@ def paged_attention(kv_cache: torch.Tensor, backend: Backend, meta: DecodeMeta |
         if backend.name == "triton":
             return backend.decode_attention(q.contiguous(), k_cache, v_cache, meta.block_tables, meta.context_lens,
                                             scale, meta.num_splits, meta.max_context)
+        if meta.cascade is not None:
+            return cascade_decode_attention(q, k_cache, v_cache, meta.cascade, scale, gathered)
         if not gathered:
-            gathered.extend(dec.context_slots(meta.block_tables, meta.context_lens, k_cache.shape[1]))
-        return dec.attend_slots(q, k_cache, v_cache, *gathered, scale)
+            gathered["all"] = dec.context_slots(meta.block_tables, meta.context_lens, k_cache.shape[1])
+        return dec.attend_slots(q, k_cache, v_cache, *gathered["all"], scale)
 
     return attn

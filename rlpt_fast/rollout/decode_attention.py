@@ -43,12 +43,19 @@ def context_slots(block_tables: torch.Tensor, context_lens: torch.Tensor, block_
     return torch.where(valid, slots, slots[:, :1]), valid
 
 
+def gather_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache (num_blocks, block_size, Hkv, D), slots (X, T) int64 -> (X, T, Hkv, D).
+    index_select on the flat rows: on the CPU markedly faster than advanced indexing."""
+    flat = cache.view(-1, *cache.shape[2:])
+    return flat.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[2:])
+
+
 def attend_slots(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                  valid: torch.Tensor, scale: float) -> torch.Tensor:
     """Decode attention over gathered context slots (see context_slots); computed in float32."""
-    hq, hkv, d = q.shape[1], k_cache.shape[2], k_cache.shape[3]
-    k = k_cache.view(-1, hkv, d)[slots].transpose(1, 2).float()                    # (B, Hkv, T, D)
-    v = v_cache.view(-1, hkv, d)[slots].transpose(1, 2).float()
+    hq, hkv = q.shape[1], k_cache.shape[2]
+    k = gather_slots(k_cache, slots).transpose(1, 2).float()                         # (B, Hkv, T, D)
+    v = gather_slots(v_cache, slots).transpose(1, 2).float()
     out = F.scaled_dot_product_attention(q.float()[:, :, None], k, v, attn_mask=valid[:, None, None, :],
                                          scale=scale, enable_gqa=hq != hkv)      # (B, Hq, 1, D)
     return out[:, :, 0].to(q.dtype)

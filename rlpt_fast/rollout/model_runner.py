@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from rlpt_fast.rollout.attention import DecodeMeta, choose_backend, paged_attention
+from rlpt_fast.rollout.cascade_attention import build_cascade
 from rlpt_fast.rollout.config import EngineConfig
 from rlpt_fast.rollout.decode_attention import choose_num_splits
 from rlpt_fast.rollout.params import Request, SamplingParams
@@ -207,6 +208,8 @@ class ModelRunner:
         ids_t, pos_t, slots_t, lens_t = torch.tensor([ids, pos, slots, lens]).to(dev, non_blocking=True)  # one copy
         meta = DecodeMeta(slots_t, tables.to(dev, non_blocking=True), lens_t.int(),
                           choose_num_splits(len(seqs), self.num_kv_heads, max(lens), self.num_sms), width * bs)
+        if self.backend.name == "torch":
+            meta.cascade = build_cascade([s.block_table for s in seqs], lens, bs, dev)
         return self.decode_logits(ids_t, pos_t.expand(3, -1), meta)
 
     def decode_logits(self, ids: torch.Tensor, positions: torch.Tensor, meta: DecodeMeta) -> torch.Tensor:

@@ -117,3 +117,30 @@ def test_choose_num_splits_fills_the_gpu_and_keeps_splits_long():
     assert choose_num_splits(1, 8, 4096, 132) == 16
     assert choose_num_splits(64, 2, 4096, 132) == 3
     assert choose_num_splits(1, 8, 100, 132) == 1
+
+
+def test_cascade_decode_reads_shared_prefix_once_and_matches_reference():
+    from rlpt_fast.rollout.cascade_attention import build_cascade, cascade_decode_attention
+
+    gen = torch.Generator().manual_seed(3)
+    bs, hq, hkv, d = 4, 4, 2, 16
+    k_cache = torch.randn(40, bs, hkv, d, generator=gen)
+    v_cache = torch.randn(40, bs, hkv, d, generator=gen)
+    k_cache[30:] = float("nan")  # never referenced: must not leak
+    v_cache[30:] = float("nan")
+    # group A: 3 samples sharing blocks [0, 1, 2] (+ own tails); group B: 2 samples sharing [5];
+    # a lone row; a row of group A that was recomputed (shares nothing)
+    tables = [[0, 1, 2, 10], [0, 1, 2, 11, 12], [0, 1, 2, 13], [5, 14], [5, 15, 16], [20, 21], [22, 23, 24, 25]]
+    lens = [14, 20, 13, 6, 9, 7, 15]
+    meta = build_cascade(tables, lens, bs, "cpu")
+    assert meta.prefix_lens.tolist() == [12, 4]   # A's 3 shared blocks (row 6 is not among them), B's 1
+    assert meta.row_member.tolist()[5:] == [6, 6]  # rows without a shared prefix: the dummy
+    q = torch.randn(len(lens), hq, d, generator=gen)
+    width = max(map(len, tables))
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    want = decode_attention_reference(q, k_cache, v_cache, bt, torch.tensor(lens, dtype=torch.int32), d ** -0.5)
+    got = cascade_decode_attention(q, k_cache, v_cache, meta, d ** -0.5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert build_cascade([[1, 2], [3, 4]], [8, 8], bs, "cpu") is None
+    assert build_cascade([[1, 2], [1, 4]], [5, 5], bs, "cpu").prefix_lens.tolist() == [4]
+    assert build_cascade([[1, 2], [1, 4]], [4, 5], bs, "cpu") is None  # block 1 still being written by row 0
