@@ -117,7 +117,8 @@ def run_engine(model, prompts, args, device):
     assert all(len(c.token_ids) == n for o in outs for c in o)
     s = engine.stats
     step_ms = 1e3 * s["decode_seconds"] / max(1, s["decode_steps"])
-    return dict(wall_s=wall, prefill_tokens=s["prefill_tokens"], peak_gib=peak, decode_step_ms=step_ms,
+    return dict(wall_s=wall, prefill_tokens=s["prefill_tokens"], peak_gib=peak, decode_batch=len(prompts) * args.group,
+                decode_step_ms=step_ms,
                 kv_cache_gib=engine.num_blocks * engine.runner.block_bytes / 2**30, preemptions=s["preemptions"])
 
 
@@ -187,7 +188,7 @@ def main() -> None:
         summary["speedup_vs_generate"] = hf["wall_s"] / eng["wall_s"]
         summary["goal"] = ">= 10x generate, decode <= 1.6x floor" if kind == "3b" else ">= 3x generate (CPU, tiny)"
     report.print_table(["engine", "wall_s", "tokens_per_s", "prefill_tokens", "peak_gib", "kv_cache_gib",
-                        "decode_step_ms", "floor_ms", "step_over_floor", "preemptions"])
+                        "decode_batch", "decode_step_ms", "floor_ms", "step_over_floor", "preemptions"])
     report.finish(summary)
 
 

@@ -61,19 +61,17 @@ class DecodeGraphs:
     def fits(self, b: int) -> bool:
         return b <= self.max_bs
 
-    def run(self, ids: list[int], positions: list[int], slots: list[int], lens: list[int],
-            tables: list[list[int]]) -> torch.Tensor:
-        b = len(ids)
+    def run(self, inputs: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        """inputs (4, B) int64 on the device: token ids, positions, slots, context lengths;
+        tables (B, W) int32 on the device. Returns the logits (B, V), valid until the next replay."""
+        b = inputs.shape[1]
         bucket = next(x for x in self.buckets if x >= b)
-        dev = self.runner.device
-        pin = lambda x, dt: torch.tensor(x, dtype=dt).pin_memory().to(dev, non_blocking=True)  # noqa: E731
-        self.ids[:b].copy_(pin(ids, torch.long))
-        self.positions[:, :b].copy_(pin(positions, torch.long).expand(3, -1))
-        self.slots.fill_(-1)
-        self.slots[:b].copy_(pin(slots, torch.long))
-        self.lens.fill_(1)
-        self.lens[:b].copy_(pin(lens, torch.int32))
-        width = max(len(t) for t in tables)
-        self.tables[:b, :width].copy_(pin([t + [0] * (width - len(t)) for t in tables], torch.int32))
+        self.ids[:b].copy_(inputs[0])
+        self.positions[:, :b].copy_(inputs[1].expand(3, -1))
+        self.slots[b:bucket].fill_(-1)  # padding rows store nothing and attend to one token
+        self.slots[:b].copy_(inputs[2])
+        self.lens[b:bucket].fill_(1)
+        self.lens[:b].copy_(inputs[3])
+        self.tables[:b, :tables.shape[1]].copy_(tables)
         self.graphs[bucket].replay()
         return self.outputs[bucket][:b]

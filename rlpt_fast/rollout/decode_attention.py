@@ -24,7 +24,8 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
                                scale: float, num_splits: int = 1, max_context: int | None = None) -> torch.Tensor:
     """q: (B, Hq, D); k_cache, v_cache: (num_blocks, block_size, Hkv, D); block_tables: (B, W) int32
     (entries past a sequence's blocks are ignored); context_lens: (B,) int32, each >= 1.
-    Returns (B, Hq, D) in q's dtype, computed in float32. num_splits / max_context are ignored
+    Returns (B, Hq, D) in q's dtype, computed in float32 (the Triton kernel multiplies in the
+    cache's dtype with float32 accumulation, like flash-decoding). num_splits / max_context are ignored
     (same signature as the Triton version)."""
     _check(q, k_cache, v_cache, block_tables, context_lens)
     slots, valid = context_slots(block_tables, context_lens, k_cache.shape[1])
@@ -66,7 +67,7 @@ def _decode_split_kernel(Q, K, V, Tables, Lens, O, Lse, scale, tokens_per_split,
                          stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_tb,
                          stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
                          GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr):
+                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2).to(tl.int64)
@@ -78,7 +79,9 @@ def _decode_split_kernel(Q, K, V, Tables, Lens, O, Lse, scale, tokens_per_split,
     heads = kvh * GROUP + g
     qmask = (g[:, None] < GROUP) & (d[None, :] < HEAD_DIM)
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=qmask, other=0.0)
-    q = q.to(tl.float32) * scale                                                   # (G, D)
+    # the dots run in the cache's dtype (bf16/fp16 tensor cores, fp32 accumulation); an fp32
+    # cache uses exact fp32 dots (IEEE), not TF32
+    q = (q.to(tl.float32) * scale).to(K.dtype.element_ty)                          # (G, D)
     m = tl.full((BLOCK_G,), -1e30, tl.float32)  # finite, so exp(m_old - m_new) never sees inf - inf
     l = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
@@ -88,15 +91,22 @@ def _decode_split_kernel(Q, K, V, Tables, Lens, O, Lse, scale, tokens_per_split,
         page = tl.load(Tables + b * stride_tb + t // PAGE, mask=valid, other=0).to(tl.int64)
         rows = page * stride_kb + (t % PAGE) * stride_ks + kvh * stride_kh        # (N,)
         kvmask = valid[:, None] & (d[None, :] < HEAD_DIM)
-        k = tl.load(K + rows[:, None] + d[None, :], mask=kvmask, other=0.0).to(tl.float32)
-        v = tl.load(V + rows[:, None] + d[None, :], mask=kvmask, other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k))                                                 # (G, N)
+        k = tl.load(K + rows[:, None] + d[None, :], mask=kvmask, other=0.0)
+        v = tl.load(V + rows[:, None] + d[None, :], mask=kvmask, other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")                    # (G, N)
+        else:
+            s = tl.dot(q, tl.trans(k))
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m - m_new)
         l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, v)
+        if IEEE:
+            pv = tl.dot(p, v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(V.dtype.element_ty), v)
+        acc = acc * alpha[:, None] + pv
         m = m_new
     nonempty = l > 0
     out = acc / tl.where(nonempty, l, 1.0)[:, None]
@@ -144,7 +154,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         block_tables.stride(0), o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse.stride(0), lse.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
-        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_N=block_n, PAGE=page)
+        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_N=block_n, PAGE=page,
+        IEEE=k_cache.dtype == torch.float32)
     out = torch.empty_like(q)
     _decode_combine_kernel[(b, hq)](
         o_part, lse, out, num_splits, o_part.stride(0), o_part.stride(1), o_part.stride(2),

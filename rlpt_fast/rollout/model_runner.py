@@ -51,6 +51,8 @@ class ModelRunner:
         self.backend = choose_backend(self.device, config.attention_backend)
         self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.on_cuda else 1
         self.requests: dict[int, RequestState] = {}
+        self._tables_host: list[list[int]] = []
+        self._tables_dev = torch.empty(0, 0, dtype=torch.int32)
         self.num_blocks = self._count_blocks()
         self.kv_cache = torch.zeros(2, self.num_layers, self.num_blocks, config.block_size, self.num_kv_heads,
                                     self.head_dim, dtype=self.dtype, device=self.device)
@@ -197,20 +199,31 @@ class ModelRunner:
     def _decode(self, batch: Batch) -> torch.Tensor:
         seqs, bs = batch.seqs, self.config.block_size
         dev = self.device
-        ids = [s.last_token for s in seqs]
-        pos = [s.num_tokens - 1 + self.requests[s.request_index].delta for s in seqs]
-        slots = [self._slot(s, s.num_tokens - 1) for s in seqs]
         lens = [s.num_tokens for s in seqs]
+        inputs = [[s.last_token for s in seqs], [n - 1 + self.requests[s.request_index].delta for s, n in zip(seqs, lens)],
+                  [self._slot(s, n - 1) for s, n in zip(seqs, lens)], lens]
+        inputs = torch.tensor(inputs)                                    # (4, B): ids, position, slot, length
+        inputs = (inputs.pin_memory() if self.on_cuda else inputs).to(dev, non_blocking=True)
+        tables = self._block_tables(seqs)
         if self.graphs is not None and self.graphs.fits(len(seqs)):
-            return self.graphs.run(ids, pos, slots, lens, [s.block_table for s in seqs])
-        width = max(len(s.block_table) for s in seqs)
-        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32)
-        ids_t, pos_t, slots_t, lens_t = torch.tensor([ids, pos, slots, lens]).to(dev, non_blocking=True)  # one copy
-        meta = DecodeMeta(slots_t, tables.to(dev, non_blocking=True), lens_t.int(),
-                          choose_num_splits(len(seqs), self.num_kv_heads, max(lens), self.num_sms), width * bs)
+            return self.graphs.run(inputs, tables)
+        meta = DecodeMeta(inputs[2], tables, inputs[3].int(),
+                          choose_num_splits(len(seqs), self.num_kv_heads, max(lens), self.num_sms),
+                          tables.shape[1] * bs)
         if self.backend.name == "torch":
             meta.cascade = build_cascade([s.block_table for s in seqs], lens, bs, dev)
-        return self.decode_logits(ids_t, pos_t.expand(3, -1), meta)
+        return self.decode_logits(inputs[0], inputs[1].expand(3, -1), meta)
+
+    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        """(B, W) int32 on the device. Tables change only when a sequence crosses into a new block
+        (or copies one on write), so most steps reuse the previous tensor: no rebuild, no copy."""
+        tables = [s.block_table for s in seqs]
+        if tables != self._tables_host:  # a C-level list comparison, microseconds
+            self._tables_host = [list(t) for t in tables]
+            width = max(map(len, tables))
+            padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+            self._tables_dev = (padded.pin_memory() if self.on_cuda else padded).to(self.device, non_blocking=True)
+        return self._tables_dev
 
     def decode_logits(self, ids: torch.Tensor, positions: torch.Tensor, meta: DecodeMeta) -> torch.Tensor:
         """One decode forward (B tokens) -> logits (B, V). No host sync: CUDA graphs capture this."""

@@ -55,17 +55,20 @@ def test_decode_attention_matches_reference_and_dense(hq, hkv, d, num_splits, de
     torch.testing.assert_close(tri.double().cpu(), want, atol=2e-5, rtol=1e-5)
 
 
-def test_decode_attention_bf16_inputs_compute_in_fp32(device):
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
+def test_decode_attention_low_precision_matches_reference(dtype, device):
+    # bf16 dots are wrong in Triton's CPU interpreter: bf16 runs on the GPU only (DESIGN.md)
     gen = torch.Generator().manual_seed(5)
     lens = [33, 9]
     k_cache, v_cache, tables, _ = paged(lens, 12, 8, 2, 16, device, gen)
-    k_cache, v_cache = k_cache.nan_to_num().bfloat16(), v_cache.nan_to_num().bfloat16()
-    q = torch.randn(2, 4, 16, generator=gen).to(device).bfloat16()
+    k_cache, v_cache = k_cache.nan_to_num().to(dtype), v_cache.nan_to_num().to(dtype)
+    q = torch.randn(2, 4, 16, generator=gen).to(device).to(dtype)
     ctx = torch.tensor(lens, dtype=torch.int32, device=device)
     ref = decode_attention_reference(q, k_cache, v_cache, tables, ctx, 0.25)
     tri = decode_attention(q, k_cache, v_cache, tables, ctx, 0.25, num_splits=2)
-    assert tri.dtype == torch.bfloat16
-    torch.testing.assert_close(tri.float(), ref.float(), atol=1e-2, rtol=1e-2)
+    assert tri.dtype == dtype
+    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    torch.testing.assert_close(tri.float(), ref.float(), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("impl", [store_kv, store_kv_reference])
