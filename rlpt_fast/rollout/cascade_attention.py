@@ -11,7 +11,7 @@ Torch (gather + batched matmuls), used by the torch backend; exact up to float32
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -23,13 +23,21 @@ class CascadeMeta:
     """prefix_tables (NG, Wp) int64 and prefix_lens (NG,): each group's shared blocks and their
     token count (> 0); members (NG, M) int64: the rows of each group (padding: row B, a dummy);
     suffix_tables (B, Ws) int64 and suffix_lens (B,) (>= 1): each row's remaining blocks/tokens;
-    row_member (B,) int64: index of the row in members.flatten(), or NG*M if it has no group."""
+    row_member (B,) int64: index of the row in members.flatten(), or NG*M if it has no group.
+    suffix_start: host list, tokens each row leaves to its group's prefix."""
     prefix_tables: torch.Tensor
     prefix_lens: torch.Tensor
     members: torch.Tensor
     suffix_tables: torch.Tensor
     suffix_lens: torch.Tensor
     row_member: torch.Tensor
+    suffix_start: list[int]
+
+    def with_lens(self, lens: list[int]) -> "CascadeMeta":
+        """The same grouping for the next step of the same rows (block tables unchanged): contexts
+        only grow, so the shared prefixes stay valid; only the suffix lengths move."""
+        suffix = torch.tensor([n - s for n, s in zip(lens, self.suffix_start)])
+        return replace(self, suffix_lens=suffix.to(self.suffix_lens.device, non_blocking=True))
 
 
 def build_cascade(tables: list[list[int]], lens: list[int], block_size: int, device) -> CascadeMeta | None:
@@ -64,8 +72,9 @@ def build_cascade(tables: list[list[int]], lens: list[int], block_size: int, dev
     prefix = pad([tables[rows[0]][:n] for rows, n in shared])
     suffix = pad([t[s:] for t, s in zip(tables, skip)])
     as_t = lambda x: torch.tensor(x, dtype=torch.long).to(device, non_blocking=True)  # noqa: E731
+    start = [s * block_size for s in skip]
     return CascadeMeta(as_t(prefix), as_t([n * block_size for _, n in shared]), as_t(members), as_t(suffix),
-                       as_t([n - s * block_size for n, s in zip(lens, skip)]), as_t(row_member))
+                       as_t([n - s for n, s in zip(lens, start)]), as_t(row_member), start)
 
 
 def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scale: float):

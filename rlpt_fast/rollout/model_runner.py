@@ -53,6 +53,8 @@ class ModelRunner:
         self.requests: dict[int, RequestState] = {}
         self._tables_host: list[list[int]] = []
         self._tables_dev = torch.empty(0, 0, dtype=torch.int32)
+        self._tables_changed = True
+        self._cascade = None  # torch backend: the shared-prefix grouping, rebuilt when tables change
         self.num_blocks = self._count_blocks()
         self.kv_cache = torch.zeros(2, self.num_layers, self.num_blocks, config.block_size, self.num_kv_heads,
                                     self.head_dim, dtype=self.dtype, device=self.device)
@@ -211,14 +213,19 @@ class ModelRunner:
                           choose_num_splits(len(seqs), self.num_kv_heads, max(lens), self.num_sms),
                           tables.shape[1] * bs)
         if self.backend.name == "torch":
-            meta.cascade = build_cascade([s.block_table for s in seqs], lens, bs, dev)
+            if self._tables_changed or self._cascade is None:
+                self._cascade = build_cascade([s.block_table for s in seqs], lens, bs, dev)
+            else:
+                self._cascade = self._cascade.with_lens(lens)
+            meta.cascade = self._cascade
         return self.decode_logits(inputs[0], inputs[1].expand(3, -1), meta)
 
     def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
         """(B, W) int32 on the device. Tables change only when a sequence crosses into a new block
         (or copies one on write), so most steps reuse the previous tensor: no rebuild, no copy."""
         tables = [s.block_table for s in seqs]
-        if tables != self._tables_host:  # a C-level list comparison, microseconds
+        self._tables_changed = tables != self._tables_host  # a C-level list comparison, microseconds
+        if self._tables_changed:
             self._tables_host = [list(t) for t in tables]
             width = max(map(len, tables))
             padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)

@@ -147,3 +147,17 @@ def test_cascade_decode_reads_shared_prefix_once_and_matches_reference():
     assert build_cascade([[1, 2], [3, 4]], [8, 8], bs, "cpu") is None
     assert build_cascade([[1, 2], [1, 4]], [5, 5], bs, "cpu").prefix_lens.tolist() == [4]
     assert build_cascade([[1, 2], [1, 4]], [4, 5], bs, "cpu") is None  # block 1 still being written by row 0
+
+
+def test_cascade_grouping_carries_over_to_the_next_step():
+    from rlpt_fast.rollout.cascade_attention import build_cascade, cascade_decode_attention
+
+    gen = torch.Generator().manual_seed(4)
+    k_cache = torch.randn(20, 4, 2, 16, generator=gen)
+    v_cache = torch.randn(20, 4, 2, 16, generator=gen)
+    tables = [[0, 1, 5, 6], [0, 1, 7, 8], [2, 3]]
+    q = torch.randn(3, 4, 16, generator=gen)
+    old = build_cascade(tables, [13, 13, 6], 4, "cpu")
+    for lens in ([14, 13, 7], [16, 15, 8]):
+        want = cascade_decode_attention(q, k_cache, v_cache, build_cascade(tables, lens, 4, "cpu"), 0.25)
+        torch.testing.assert_close(cascade_decode_attention(q, k_cache, v_cache, old.with_lens(lens), 0.25), want)
