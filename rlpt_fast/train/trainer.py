@@ -15,6 +15,8 @@ global generator, whose state checkpoints carry, so a resumed run repeats an uni
 """
 from __future__ import annotations
 
+import copy
+import json
 import math
 from pathlib import Path
 
@@ -49,10 +51,13 @@ class NonFiniteLossError(RuntimeError):
 class Trainer:
     """config: a TrainConfig. reward_fn: (row, completion text, prompt) -> reward (default:
     RePIC's reward of the row's method). rows: training rows (default: load config.data.files).
-    resume: continue from the latest checkpoint in train.output_dir, if there is one."""
+    resume: continue from the latest checkpoint in train.output_dir, if there is one.
+    model: an already built QwenVLModel to train (benchmarks with random weights); model.path then
+    only provides the tokenizer and image processor. sampling_overrides: extra SamplingParams
+    fields for every rollout (benchmarks: {"ignore_eos": True} for fixed-length completions)."""
 
     def __init__(self, config: TrainConfig, *, reward_fn: RewardFn | None = None,
-                 rows: list[Row] | None = None, resume: bool = False):
+                 rows: list[Row] | None = None, resume: bool = False, model: torch.nn.Module | None = None):
         self.cfg = cfg = config
         if not cfg.model.path:
             raise ValueError("model.path is empty: give the Qwen-VL checkpoint directory")
@@ -61,7 +66,8 @@ class Trainer:
         self.dtype = resolve_dtype(cfg.model.dtype, self.device)
         self.resume_from = ckpt.latest_checkpoint(self.output_dir) if resume else None
         seed_everything(cfg.train.seed)
-        self.model, self.ref_model = self._build_models()
+        self.model, self.ref_model = self._build_models(model)
+        self.sampling_overrides: dict = {}
         named = trainable(self.model)
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
@@ -73,7 +79,7 @@ class Trainer:
             rows = load_rows(cfg.data.files, skip_invalid=cfg.data.skip_invalid).rows
         self.rows = rows
         self.stream = PromptStream(rows, cfg.train.seed, shuffle=cfg.data.shuffle, task_mix=cfg.data.task_mix)
-        self.engine = Engine(self.model, **cfg.engine)
+        self.engine = Engine(self.model, **self._engine_config())
         self.optimizer = build_optimizer(self.params, cfg.optim)
         self.reward_fn = reward_fn or (import_reward(cfg.grpo.reward_fn) if cfg.grpo.reward_fn
                                        else repic_reward(cfg.grpo.reward_compat))
@@ -88,13 +94,14 @@ class Trainer:
             self.stream.load_state_dict(stream_state)
 
     # ------------------------------------------------------------------ set-up
-    def _build_models(self) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    def _build_models(self, given) -> tuple[torch.nn.Module, torch.nn.Module | None]:
         cfg = self.cfg
         full_ft = not cfg.lora.enabled
         path = cfg.model.path
         if full_ft and self.resume_from is not None:
             path = str(self.resume_from / "model")
-        model = load_model(path, dtype=self.dtype, device=self.device)
+        model = given if given is not None else load_model(path, dtype=self.dtype, device=self.device)
+        self.dtype, self.device = model.dtype, model.device
         model.gradient_checkpointing = (self.device.type == "cuda" if cfg.model.gradient_checkpointing is None
                                         else cfg.model.gradient_checkpointing)
         ref = None
@@ -102,11 +109,25 @@ class Trainer:
             for name, p in model.named_parameters():
                 p.requires_grad_(".visual." not in f".{name}")
             if cfg.grpo.beta > 0:  # no adapter to switch off: a frozen copy of the initial weights
-                ref = load_model(cfg.model.path, dtype=self.dtype, device=self.device).eval().requires_grad_(False)
+                ref = (copy.deepcopy(model) if given is not None else
+                       load_model(cfg.model.path, dtype=self.dtype, device=self.device))
+                ref.eval().requires_grad_(False)
         else:
             lc = cfg.lora
             apply_lora(model, LoRAConfig(lc.r, lc.alpha, lc.dropout, tuple(lc.target_modules) or None))
         return model.train(), ref
+
+    def _engine_config(self) -> dict:
+        """The [engine] table; on CUDA, unless it sizes the KV cache itself, the cache gets what one
+        step needs (prompts of up to 4096 tokens held once, G completions each, 25% slack) instead
+        of most of the free memory, which the training forward needs."""
+        cfg, g = self.cfg, self.cfg.grpo
+        out = dict(cfg.engine)
+        if self.device.type == "cuda" and not {"num_blocks", "kv_cache_bytes", "gpu_memory_utilization"} & set(out):
+            prompts = cfg.train.prompts_per_step * cfg.train.grad_accum
+            tokens = prompts * (4096 + g.num_generations * (g.max_new_tokens + 16))
+            out["kv_cache_bytes"] = int(1.25 * tokens * self.model.kv_bytes_per_token())
+        return out
 
     @property
     def total_updates(self) -> int:
@@ -157,7 +178,8 @@ class Trainer:
         requests = [Request(p.input_ids, p.pixel_values, p.image_grid_thw) for p in prompts]
         params = [SamplingParams(n=g.num_generations, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
                                  max_tokens=g.max_new_tokens,
-                                 seed=derived_seed("rollout", cfg.train.seed, self.state.step, i))
+                                 seed=derived_seed("rollout", cfg.train.seed, self.state.step, i),
+                                 **self.sampling_overrides)
                   for i in range(len(prompts))]
         outs = self.engine.generate(requests, params)
         rollouts = []
@@ -226,7 +248,7 @@ class Trainer:
         mon.resume_at(self.state.step)
         if self.resume_from is not None:
             mon.message(f"resumed from {self.resume_from} (step {self.state.step})")
-        (self.output_dir / "config.json").write_text(__import__("json").dumps(self.cfg.to_dict(), indent=2))
+        (self.output_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
         last, saved = {}, None
         try:
             while self.state.step < self.total_steps:
