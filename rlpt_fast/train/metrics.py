@@ -24,7 +24,7 @@ def _std(xs: list[float]) -> float:
 
 
 def step_metrics(trainer, rollouts: list[Rollout], updates: list[dict], times: dict[str, float],
-                 engine_before: dict, epoch: int, train_tokens: int) -> dict:
+                 engine_before: dict, train_tokens: int) -> dict:
     rewards = [x for r in rollouts for x in r.rewards]
     lengths = [n for r in rollouts for n in r.lengths]
     reasons = [f for r in rollouts for f in r.finish_reasons]
@@ -33,7 +33,7 @@ def step_metrics(trainer, rollouts: list[Rollout], updates: list[dict], times: d
     done = [u for u in updates if not u["skipped"]] or updates
     m = {
         "step": trainer.state.step,
-        "epoch": epoch + (trainer.stream.position % trainer.stream.epoch_length) / trainer.stream.epoch_length,
+        "epoch": trainer.stream.position / trainer.stream.epoch_length,  # epochs of prompts consumed
         "lr": updates[0]["lr"],
         "loss": statistics.fmean(u["loss"] for u in done),
         "kl": statistics.fmean(u["kl"] for u in done),

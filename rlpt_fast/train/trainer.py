@@ -157,7 +157,7 @@ class Trainer:
         self.state.step += 1
         skipped = any(u["skipped"] for u in updates)
         self.state.nonfinite_streak = self.state.nonfinite_streak + 1 if skipped else 0
-        metrics = step_metrics(self, rollouts, updates, timer.times, engine_before, picks[-1][0],
+        metrics = step_metrics(self, rollouts, updates, timer.times, engine_before,
                                packed_tokens(self.model, rollouts) * g.mu)
         if self.state.nonfinite_streak >= cfg.train.max_nonfinite:
             raise NonFiniteLossError(

@@ -1,0 +1,38 @@
+"""Trainer.train: what a user sees (metrics.jsonl, plots, progress bar) and the engine under pressure."""
+import json
+
+from rlpt_fast.prompts import row_rng
+from rlpt_fast.rollout import Engine
+from rlpt_fast.train.trainer import Trainer
+
+from .test_trainer import STEP_KEYS
+
+
+def test_train_writes_metrics_plots_and_progress(make_config, capsys):
+    cfg = make_config("--train.max_steps=2", "--train.progress=true", "--train.plots=true")
+    summary = Trainer(cfg).train()
+    lines = [json.loads(x) for x in open(summary["metrics"]).read().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2] and all(STEP_KEYS <= set(m) for m in lines)
+    assert summary["steps"] == 2 and summary["checkpoint"].endswith("step-00000002")
+    names = {p.rsplit("/", 1)[-1] for p in summary["plots"]}
+    assert {"reward.png", "kl.png", "completion_length.png", "clip_ratio.png"} <= names
+    for p in summary["plots"]:
+        assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    err = capsys.readouterr().err
+    assert "2/2" in err and ("s/step" in err or "step/s" in err)  # tqdm bar: count, rate, ETA
+    saved = json.loads(open(f"{cfg.train.output_dir}/config.json").read())
+    assert saved["grpo"]["num_generations"] == 4
+
+
+def test_out_of_kv_blocks_preempts_and_keeps_every_sequence(make_config):
+    tr = Trainer(make_config("--train.prompts_per_step=2"))
+    seed = tr.cfg.train.seed
+    longest = max(tr.builder.training_prompt(tr.rows[i], row_rng(seed, 0, i)).input_ids.numel()
+                  for i in tr.stream.order(0)[:2])
+    # room for one prompt and 4 more blocks: its 4 forks (8 tokens, 2+ blocks each) cannot all fit
+    tr.engine = Engine(tr.model, block_size=4, num_blocks=-(-(longest + 8) // 4) + 4)
+    tr.sampling_overrides = {"ignore_eos": True}
+    m = tr.step()
+    assert m["preemptions"] > 0
+    assert all(r.lengths == [8] * 4 for r in tr.last_rollouts)
+    assert m["completion_length_min"] == 8 and not m["skipped"]
