@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Report  # noqa: E402
+from common import Report
 
 PHASES = ("rollout", "reward", "reference", "train", "optimizer")
 # TRL refuses a LoRA lm_head (its loss reads lm_head.weight), so neither side puts one there here;

@@ -1,6 +1,6 @@
 """TrainConfig: every setting of a GRPO run, as nested dataclasses validated in __post_init__.
 
-Loaded from TOML (`load_config(path, overrides)`), one table per section:
+Loaded from TOML by `load_config(path, overrides)` (config_file.py), one table per section:
 
     [model]  path, dtype, device, gradient_checkpointing
     [lora]   enabled, r, alpha, dropout, target_modules        (enabled=false: full fine-tuning)
@@ -25,11 +25,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
 
 from rlpt_fast.rewards import COMPATS, METHODS
 
@@ -215,109 +210,17 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, raw: dict, where: str = "config") -> TrainConfig:
         """Build from nested dicts; unknown sections/keys raise ConfigError naming them."""
-        sections = {f.name: f for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for name, value in raw.items():
-            if name not in sections:
-                raise ConfigError(f"{where}: unknown section [{name}] (known: {', '.join(sections)})")
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}: [{name}] must be a table, got {value!r}")
-            kwargs[name] = dict(value) if name == "engine" else _section(SECTION_TYPES[name], name, value, where)
-        return cls(**kwargs)
+        from rlpt_fast.train.config_file import config_from_dict
+
+        return config_from_dict(raw, where)
 
 
 SECTION_TYPES = {"model": ModelSection, "lora": LoRASection, "data": DataSection, "grpo": GRPOSection,
                  "optim": OptimSection, "train": TrainSection}
 
 
-def _section(kind: type, name: str, values: dict, where: str):
-    fields = {f.name for f in dataclasses.fields(kind)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)} "
-                          f"(known in [{name}]: {', '.join(sorted(fields))})")
-    defaults = kind()
-    typed = {k: _coerce(f"{where}: {name}.{k}", getattr(defaults, k), v) for k, v in values.items()}
-    return kind(**typed)
-
-
-def _coerce(where: str, default: Any, value: Any) -> Any:
-    """Check `value` against the type of the field's default (ints are accepted for floats)."""
-    if default is None:  # optional bool
-        ok = value is None or isinstance(value, bool)
-        expected = "true or false"
-    elif isinstance(default, bool):
-        ok, expected = isinstance(value, bool), "true or false"
-    elif isinstance(default, int):
-        ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
-    elif isinstance(default, float):
-        ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-        value = float(value) if ok else value
-    elif isinstance(default, str):
-        ok, expected = isinstance(value, str), "a string"
-    elif isinstance(default, list):
-        value = [value] if isinstance(value, str) else value
-        ok, expected = isinstance(value, list), "a list"
-    else:
-        ok, expected = isinstance(value, dict), "a table"
-    if not ok:
-        raise ConfigError(f"{where}: expected {expected}, got {value!r}")
-    return value
-
-
-def parse_override(arg: str) -> tuple[str, Any]:
-    """'--section.key=value' -> ('section.key', value); value parsed as a TOML value, else a string."""
-    if not arg.startswith("--") or "=" not in arg:
-        raise ConfigError(f"override {arg!r}: expected --key=value or --section.key=value")
-    key, _, text = arg[2:].partition("=")
-    key = key.replace("-", "_")
-    try:
-        value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = text
-    return key, value
-
-
-def _resolve_key(key: str) -> tuple[str, str]:
-    if "." in key:
-        section, _, leaf = key.partition(".")
-        return section, leaf
-    owners = [s for s, kind in SECTION_TYPES.items() if key in {f.name for f in dataclasses.fields(kind)}]
-    if len(owners) != 1:
-        why = "is in no section" if not owners else f"is ambiguous (in {', '.join(owners)})"
-        raise ConfigError(f"override --{key}: {why}; write --section.{key}=...")
-    return owners[0], key
-
-
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    """Read a TOML file (None: defaults) and apply --key=value overrides. Relative paths in
-    model.path, data.files and train.output_dir are taken relative to the TOML file."""
-    raw: dict = {}
-    where = "overrides"
-    if path is not None:
-        path = Path(path)
-        where = str(path)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from None
-        _anchor_paths(raw, path.parent)
-    for arg in overrides:
-        section, leaf = _resolve_key(parse_override(arg)[0])
-        raw.setdefault(section, {})
-        if not isinstance(raw[section], dict):
-            raise ConfigError(f"{where}: [{section}] must be a table")
-        raw[section][leaf] = parse_override(arg)[1]
-    return TrainConfig.from_dict(raw, where)
+    """TOML file (None: defaults) plus --key=value overrides -> TrainConfig (see config_file.py)."""
+    from rlpt_fast.train.config_file import load_config as load
 
-
-def _anchor_paths(raw: dict, base: Path) -> None:
-    def anchor(p):
-        return p if not isinstance(p, str) or not p or Path(p).is_absolute() else str(base / p)
-    if isinstance(raw.get("model"), dict) and "path" in raw["model"]:
-        raw["model"]["path"] = anchor(raw["model"]["path"])
-    if isinstance(raw.get("train"), dict) and "output_dir" in raw["train"]:
-        raw["train"]["output_dir"] = anchor(raw["train"]["output_dir"])
-    if isinstance(raw.get("data"), dict) and "files" in raw["data"]:
-        files = raw["data"]["files"]
-        raw["data"]["files"] = [anchor(f) for f in ([files] if isinstance(files, str) else files)]
+    return load(path, overrides)

@@ -14,13 +14,13 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from rlpt_kernels import grpo_loss_from_hidden, token_logprobs_from_hidden
 
 from rlpt_fast.data import Row
 from rlpt_fast.model.lora import adapter_disabled, lm_head_operands
 from rlpt_fast.model.packing import Group, packed_forward, pad_completions
 from rlpt_fast.prompts import Prompt
 from rlpt_fast.train.config import GRPOSection
-from rlpt_kernels import grpo_loss_from_hidden, token_logprobs_from_hidden
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Rewards of one step: each completion scored by its row's method; a failure names the row."""
 from __future__ import annotations
 
-from typing import Callable
+import math
+from collections.abc import Callable
 
 from rlpt_fast import rewards
 from rlpt_fast.data import Row
@@ -48,7 +49,7 @@ def score_group(fn: RewardFn, row: Row, texts: list[str], prompt: Prompt) -> lis
         except Exception as e:
             raise RewardError(f"reward {row.method!r} raised on row {row.source} (completion {k}: "
                               f"{text[:80]!r}): {type(e).__name__}: {e}") from e
-        if value != value or value in (float("inf"), float("-inf")):
+        if not math.isfinite(value):
             raise RewardError(f"reward {row.method!r} returned {value} on row {row.source} (completion {k})")
         out.append(value)
     return out

@@ -21,6 +21,7 @@ import math
 from pathlib import Path
 
 import torch
+from rlpt_kernels import group_advantages
 
 from rlpt_fast.data import Row, load_rows
 from rlpt_fast.model import load_model
@@ -33,11 +34,16 @@ from rlpt_fast.train.loss import Rollout, packed_tokens, policy_loss, reference_
 from rlpt_fast.train.metrics import step_metrics
 from rlpt_fast.train.monitor import Monitor
 from rlpt_fast.train.optim import build_optimizer, lr_at, set_lr, trainable
-from rlpt_fast.train.runtime import (PhaseTimer, derived_seed, reset_peak_memory, resolve_device,
-                                     resolve_dtype, seed_everything)
+from rlpt_fast.train.runtime import (
+    PhaseTimer,
+    derived_seed,
+    reset_peak_memory,
+    resolve_device,
+    resolve_dtype,
+    seed_everything,
+)
 from rlpt_fast.train.scoring import RewardFn, import_reward, repic_reward, score_group
 from rlpt_fast.train.stream import PromptStream
-from rlpt_kernels import group_advantages
 
 
 class NonFiniteLossError(RuntimeError):

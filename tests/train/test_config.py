@@ -1,7 +1,8 @@
 """TrainConfig: RePIC defaults, TOML loading, overrides, and errors that name the key."""
 import pytest
 
-from rlpt_fast.train.config import ConfigError, TrainConfig, load_config, parse_override
+from rlpt_fast.train.config import ConfigError, TrainConfig, load_config
+from rlpt_fast.train.config_file import parse_override
 
 
 def test_defaults_are_repics_run():
@@ -59,7 +60,8 @@ def test_errors_name_the_key(tmp_path, toml, overrides, needle):
 
 
 def test_every_bare_key_resolves_to_its_section():
-    from rlpt_fast.train.config import SECTION_TYPES, _resolve_key
+    from rlpt_fast.train.config import SECTION_TYPES
+    from rlpt_fast.train.config_file import _resolve_key
 
     for section, kind in SECTION_TYPES.items():
         for name in kind.__dataclass_fields__:

@@ -39,7 +39,7 @@ def _metrics(run: Path) -> list[dict]:
 
 def test_sigkill_mid_step_then_resume_matches_uninterrupted(tmp_path, ckpt, world):
     env = _env()
-    full = subprocess.run(RLPT + _args(tmp_path, ckpt, world, "full"), env=env, capture_output=True, text=True)
+    full = subprocess.run(RLPT + _args(tmp_path, ckpt, world, "full"), env=env, capture_output=True, text=True, check=False)
     assert full.returncode == 0, full.stderr[-3000:]
 
     run = tmp_path / "cut"
@@ -56,7 +56,7 @@ def test_sigkill_mid_step_then_resume_matches_uninterrupted(tmp_path, ckpt, worl
     assert first.is_dir() and not (run / "checkpoints" / "step-00000004").exists()
 
     resumed = subprocess.run(RLPT + _args(tmp_path, ckpt, world, "cut") + ["--resume"], env=env,
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, check=False)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
     a, b = _metrics(tmp_path / "full"), _metrics(run)

@@ -1,5 +1,6 @@
 """Trainer.train: what a user sees (metrics.jsonl, plots, progress bar) and the engine under pressure."""
 import json
+from pathlib import Path
 
 from rlpt_fast.prompts import row_rng
 from rlpt_fast.rollout import Engine
@@ -11,16 +12,16 @@ from .test_trainer import STEP_KEYS
 def test_train_writes_metrics_plots_and_progress(make_config, capsys):
     cfg = make_config("--train.max_steps=2", "--train.progress=true", "--train.plots=true")
     summary = Trainer(cfg).train()
-    lines = [json.loads(x) for x in open(summary["metrics"]).read().splitlines()]
+    lines = [json.loads(x) for x in Path(summary["metrics"]).read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2] and all(STEP_KEYS <= set(m) for m in lines)
     assert summary["steps"] == 2 and summary["checkpoint"].endswith("step-00000002")
     names = {p.rsplit("/", 1)[-1] for p in summary["plots"]}
     assert {"reward.png", "kl.png", "completion_length.png", "clip_ratio.png"} <= names
     for p in summary["plots"]:
-        assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+        assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     err = capsys.readouterr().err
     assert "2/2" in err and ("s/step" in err or "step/s" in err)  # tqdm bar: count, rate, ETA
-    saved = json.loads(open(f"{cfg.train.output_dir}/config.json").read())
+    saved = json.loads((Path(cfg.train.output_dir) / "config.json").read_text())
     assert saved["grpo"]["num_generations"] == 4
 
 
