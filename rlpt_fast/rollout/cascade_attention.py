@@ -77,12 +77,15 @@ def build_cascade(tables: list[list[int]], lens: list[int], block_size: int, dev
                        as_t([n - s for n, s in zip(lens, start)]), as_t(row_member), start)
 
 
-def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scale: float):
-    """q (X, Hkv, Q, D), k/v (X, Hkv, T, D), valid (X, T) -> (out (X, Hkv, Q, D), lse (X, Hkv, Q))."""
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
-    lse = s.logsumexp(-1)
-    return torch.matmul((s - lse[..., None]).exp(), v), lse
+def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, invalid: torch.Tensor, scale: float):
+    """q (X, Hkv, Q, D), k/v (X, Hkv, T, D), invalid (X, 1, 1, T) with >= 1 valid key per row
+    -> (out (X, Hkv, Q, D), lse (X, Hkv, Q)). One exp pass: p = exp(s - max), lse = max + log sum p."""
+    s = torch.matmul(q * scale, k.transpose(-1, -2))
+    s = s.masked_fill_(invalid, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    p = s.sub_(m).exp_()
+    total = p.sum(-1, keepdim=True)
+    return torch.matmul(p, v).div_(total), (m + total.log()).squeeze(-1)
 
 
 def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -94,23 +97,25 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     grp = hq // hkv
     if gathered is None or not gathered:
         gathered = {} if gathered is None else gathered
-        gathered["prefix"] = context_slots(meta.prefix_tables, meta.prefix_lens, bs)
-        gathered["suffix"] = context_slots(meta.suffix_tables, meta.suffix_lens, bs)
+        for part, tables, lens in (("prefix", meta.prefix_tables, meta.prefix_lens),
+                                   ("suffix", meta.suffix_tables, meta.suffix_lens)):
+            slots, valid = context_slots(tables, lens, bs)
+            gathered[part] = slots, ~valid[:, None, None, :]
     kv = lambda cache, slots: gather_slots(cache, slots).transpose(1, 2).float()  # noqa: E731  (X, Hkv, T, D)
     qf = q.float()
     # shared prefixes: all member queries of a group against the group's blocks, once
     ng, m = meta.members.shape
     qg = torch.cat([qf, qf.new_zeros(1, hq, d)])[meta.members]                     # (NG, M, Hq, D)
     qg = qg.view(ng, m, hkv, grp, d).permute(0, 2, 1, 3, 4).reshape(ng, hkv, m * grp, d)
-    slots, valid = gathered["prefix"]
-    o_p, lse_p = _partial(qg, kv(k_cache, slots), kv(v_cache, slots), valid, scale)
+    slots, invalid = gathered["prefix"]
+    o_p, lse_p = _partial(qg, kv(k_cache, slots), kv(v_cache, slots), invalid, scale)
     o_p = o_p.view(ng, hkv, m, grp, d).permute(0, 2, 1, 3, 4).reshape(ng * m, hq, d)
     lse_p = lse_p.view(ng, hkv, m, grp).permute(0, 2, 1, 3).reshape(ng * m, hq)
     o_p = torch.cat([o_p, o_p.new_zeros(1, hq, d)])[meta.row_member]              # (B, Hq, D)
     lse_p = torch.cat([lse_p, lse_p.new_full((1, hq), float("-inf"))])[meta.row_member]
     # each row's own remainder
-    slots, valid = gathered["suffix"]
-    o_s, lse_s = _partial(qf.view(b, hkv, grp, d), kv(k_cache, slots), kv(v_cache, slots), valid, scale)
+    slots, invalid = gathered["suffix"]
+    o_s, lse_s = _partial(qf.view(b, hkv, grp, d), kv(k_cache, slots), kv(v_cache, slots), invalid, scale)
     o_s, lse_s = o_s.reshape(b, hq, d), lse_s.reshape(b, hq)
     mx = torch.maximum(lse_p, lse_s)
     w_p, w_s = (lse_p - mx).exp(), (lse_s - mx).exp()                              # lse_s is finite

@@ -9,55 +9,60 @@ the plain log-softmax at temperature 1, no filters).
 The draw is by inverse CDF over the vocabulary in its natural order, with ONE uniform per row that
 is a hash of (seed, sample_index, position): counter-based, so a sequence draws the same token
 whatever it is batched with, whether the batch needed sorting, or whether it was preempted and
-recomputed. The hash uses 32-bit lanes in int64 tensors with multipliers < 2^31, so no product
-overflows.
+recomputed. The keys are host values, so the hash runs on the host (numpy, a few microseconds for
+a whole batch) and its uniforms travel to the device with the other per-row parameters.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-_M32 = 0xFFFFFFFF
+_M32 = np.uint64(0xFFFFFFFF)
 
 
 @dataclass
 class SamplingTensors:
     """Per row (R,): temperature f32 (0 = greedy), top_k int64 (0 = off), top_p f32 (1 = off),
-    seed / sample_index / position int64 (the random stream key). `filtered` (host bool): some
-    sampled row uses top-k or top-p, so the batch needs a sort."""
+    u f32: the row's uniform in (0, 1) (see `uniform`). `filtered` (host bool): some sampled row
+    uses top-k or top-p, so the batch needs a sort."""
     temperature: torch.Tensor
     top_k: torch.Tensor
     top_p: torch.Tensor
-    seed: torch.Tensor
-    sample_index: torch.Tensor
-    position: torch.Tensor
+    u: torch.Tensor
     filtered: bool
 
     @classmethod
     def from_rows(cls, rows: list[tuple[float, int, float, int, int, int]], device) -> "SamplingTensors":
         """rows: (temperature, top_k, top_p, seed, sample_index, position) per row."""
-        floats = torch.tensor([(r[0], r[2]) for r in rows], dtype=torch.float32).to(device, non_blocking=True)
-        ints = torch.tensor([(r[1], r[3], r[4], r[5]) for r in rows], dtype=torch.int64).to(device, non_blocking=True)
+        cols = list(zip(*rows))
+        u = uniform(np.array(cols[3], dtype=np.uint64), np.array(cols[4], dtype=np.uint64),
+                    np.array(cols[5], dtype=np.uint64))
+        floats = torch.from_numpy(np.stack([np.array(cols[0]), np.array(cols[2]), u]).astype(np.float32))
+        floats = floats.to(device, non_blocking=True)                              # (3, R)
+        top_k = torch.tensor(cols[1], dtype=torch.int64).to(device, non_blocking=True)
         filtered = any(t > 0 and (k > 0 or p < 1.0) for t, k, p, *_ in rows)
-        return cls(floats[:, 0], ints[:, 0], floats[:, 1], ints[:, 1], ints[:, 2], ints[:, 3], filtered)
+        return cls(floats[0], top_k, floats[1], floats[2], filtered)
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x2C1B3C6D) & _M32
-    return x ^ (x >> 16)
+def _mix32(x: np.ndarray) -> np.ndarray:
+    # 32-bit lanes in uint64 with multipliers < 2^31: no product overflows
+    x = x ^ (x >> np.uint64(16))
+    x = (x * np.uint64(0x7FEB352D)) & _M32
+    x = x ^ (x >> np.uint64(15))
+    x = (x * np.uint64(0x2C1B3C6D)) & _M32
+    return x ^ (x >> np.uint64(16))
 
 
-def uniform(seed: torch.Tensor, sample_index: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    """(R,) int64 keys -> (R,) float64 uniforms in (0, 1), a pure function of the keys."""
+def uniform(seed: np.ndarray, sample_index: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """(R,) uint64 keys -> (R,) float64 uniforms in (0, 1), a pure function of the keys."""
     x = _mix32(seed & _M32)
-    x = _mix32(x ^ ((seed >> 32) & _M32))
+    x = _mix32(x ^ ((seed >> np.uint64(32)) & _M32))
     x = _mix32(x ^ (sample_index & _M32))
     x = _mix32(x ^ (position & _M32))
-    return (_mix32(x ^ 0x5BD1E995).double() + 0.5) / 2.0**32
+    # the top 24 bits, centred: float32 holds them exactly, so u is never 0 or 1 on the device
+    return ((_mix32(x ^ np.uint64(0x5BD1E995)) >> np.uint64(8)).astype(np.float64) + 0.5) / 2.0**24
 
 
 def filter_logits(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -84,7 +89,7 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, tor
     logp = scaled.log_softmax(-1)                                                    # (R, V)
     cdf = logp.exp().cumsum(-1)
     total = cdf[:, -1:]
-    u = uniform(st.seed, st.sample_index, st.position).float()[:, None]
+    u = st.u[:, None]
     # u < 1, but u * total may round up to total: stay strictly below it so a zero-mass tail
     # token can never be picked.
     x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))

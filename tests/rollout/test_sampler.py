@@ -3,6 +3,7 @@ vocabulary), reported log-probs are those of the final distribution, seeded draw
 whatever the batch composition."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -74,15 +75,16 @@ def test_seeded_draws_do_not_depend_on_batch_composition():
 
 def test_uniforms_are_uniform_and_keyed():
     n = 50000
-    keys = torch.arange(n)
-    u = uniform(torch.full((n,), 3), keys % 8, keys // 8)
-    assert (u > 0).all() and (u < 1).all()
-    hist = torch.histc(u.float(), bins=10, min=0, max=1) / n
-    assert (hist - 0.1).abs().max() < 0.006
-    assert len(set(u.tolist())) > n * 0.999
-    assert torch.equal(u, uniform(torch.full((n,), 3), keys % 8, keys // 8))
-    big = torch.full((4,), 2**62 + 5)
-    assert not torch.equal(uniform(big, keys[:4], keys[:4]), uniform(big + 2**40, keys[:4], keys[:4]))
+    keys = np.arange(n, dtype=np.uint64)
+    three = np.full(n, 3, dtype=np.uint64)
+    u = uniform(three, keys % np.uint64(8), keys // np.uint64(8))
+    assert (u > 0).all() and (u < 1).all() and (u.astype(np.float32) < 1).all()
+    hist = np.histogram(u, bins=10, range=(0, 1))[0] / n
+    assert np.abs(hist - 0.1).max() < 0.006
+    assert len(set(u.tolist())) > n * 0.99
+    assert np.array_equal(u, uniform(three, keys % np.uint64(8), keys // np.uint64(8)))
+    big = np.full(4, 2**62 + 5, dtype=np.uint64)
+    assert not np.array_equal(uniform(big, keys[:4], keys[:4]), uniform(big + np.uint64(2**40), keys[:4], keys[:4]))
 
 
 def test_filter_keeps_ties_and_at_least_one_token():
