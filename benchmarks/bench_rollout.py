@@ -80,7 +80,10 @@ def build_models(kind: str, device: str, dtype: torch.dtype, tmp: Path):
         ours = QwenVLModel(load_config(path))
     ours.to(dtype=dtype).to_empty(device=device)
     ours.tie_weights()
-    ours.load_state_dict(theirs.state_dict(), strict=False)  # the tied head is shared, not loaded
+    result = ours.load_state_dict(theirs.state_dict(), strict=False)
+    missing = set(result.missing_keys) - ({"lm_head.weight"} if ours.config.tie_word_embeddings else set())
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"weights do not line up: missing {sorted(missing)[:5]}, unexpected {result.unexpected_keys[:5]}")
     return ours.eval(), theirs
 
 
