@@ -1,5 +1,8 @@
 """Trainer: GRPO post-training of a Qwen-VL model on RePIC-format rows, in one process.
 
+    rlpt train run.toml [--section.key=value ...] [--resume]       # one GPU, or the CPU
+    Trainer(load_config("run.toml")).train()                        # the same from Python
+
 One step (DESIGN.md, "One GRPO step"):
   1. take prompts_per_step * grad_accum rows; render them (RePIC's training layout), encode each
      distinct image once (the frozen vision tower's embeddings are reused all step);
@@ -12,6 +15,11 @@ One step (DESIGN.md, "One GRPO step"):
 A non-finite loss or gradient norm skips the update (logged); max_nonfinite in a row abort.
 Randomness: the engine's draws are seeded from (seed, step, prompt), the LoRA dropout from torch's
 global generator, whose state checkpoints carry, so a resumed run repeats an uninterrupted one.
+
+Simplifications, on purpose: one process and one device (rlpt_fast.distributed holds the
+data-parallel pieces); all of a step's rollouts are generated before any training (no overlap);
+with mu = 1 the ratio is exactly 1 (old log-probs are the policy's own, detached), as in RePIC,
+so the engine's sampling log-probs are not used; a sampled image-pad token is a plain token.
 """
 from __future__ import annotations
 

@@ -170,3 +170,22 @@ def test_full_fine_tuning_trains_the_decoder_not_the_vision_tower(make_config):
     assert not m["skipped"] and m["kl"] == 0.0  # first step: policy == reference
     moved = {n for n, p in tr.model.named_parameters() if not torch.equal(p, before[n])}
     assert "lm_head.weight" in moved and not any("visual" in n for n in moved)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_grad_accumulation_equals_one_big_batch(make_config, loss_type):
+    """Same rollouts (seeded by step and prompt index), so 2 micro-batches of 1 prompt must give
+    the update of 1 batch of 2 prompts (dapo: normalized by the whole accumulated batch)."""
+    after = []
+    for pps, accum in ((2, 1), (1, 2)):
+        tr = Trainer(make_config("--lora.dropout=0", f"--grpo.loss_type={loss_type}",
+                                 f"--train.prompts_per_step={pps}", f"--train.grad_accum={accum}"))
+        perturb_lora(tr.model, seed=3)
+        m = tr.step()
+        after.append((m, lora_state(tr.model), [r.completions for r in tr.last_rollouts]))
+    (m1, w1, c1), (m2, w2, c2) = after
+    assert c1 == c2
+    assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-5, abs=1e-7)
+    assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-4)
+    for n in w1:
+        torch.testing.assert_close(w1[n], w2[n], atol=1e-6, rtol=1e-5)
