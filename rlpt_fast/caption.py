@@ -80,11 +80,6 @@ def run(args: argparse.Namespace) -> int:
     from rlpt_fast.model.lora import load_adapter
     from rlpt_fast.train.runtime import resolve_device, resolve_dtype
 
-    device = resolve_device(args.device)
-    model = load_model(args.model, dtype=resolve_dtype(args.dtype, device), device=device).eval()
-    if args.adapter:
-        load_adapter(model, args.adapter)
-    builder = PromptBuilder(args.model, inference_max_pixels=args.max_pixels)
     database = load_database(args.database)
     queries = load_queries(args.queries, image_root=args.image_root)
     names = query_names(args.queries)
@@ -95,6 +90,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"rlpt caption: {len(missing)} query image(s) not found, e.g. {missing[0]} "
               f"(use --image-root)", file=sys.stderr)
         return 1
+    device = resolve_device(args.device)
+    model = load_model(args.model, dtype=resolve_dtype(args.dtype, device), device=device).eval()
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    builder = PromptBuilder(args.model, inference_max_pixels=args.max_pixels)
     with torch.no_grad():
         rows = caption_queries(model, builder, database, queries, names=names, max_new_tokens=args.max_new_tokens,
                                multi_questions=args.questions == "multi")

@@ -1,6 +1,9 @@
 """`rlpt caption` writes RePIC's caption format, greedy captions, and score-captions scores it."""
 import json
+import os
+from pathlib import Path
 
+import pytest
 import torch
 
 from rlpt_fast.cli import main
@@ -50,3 +53,22 @@ def test_caption_file_is_repics_format_and_scores(tmp_path, ckpt, world, capsys)
     want = score_records(load_captions(out), "2-concept")
     assert (got["recall"], got["slots"], got["correct"]) == (round(want.recall, 4), want.slots, want.correct)
     assert got["correct"] >= 1 and got["slots"] == sum(len(r[1]) for r in rows)
+
+
+REPIC = Path(os.environ.get("RLPT_REPIC_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data" / "repic"))
+
+
+@pytest.mark.skipif(not (REPIC / "queries" / "4_concept_query_templates.json").is_file(), reason="RePIC data absent")
+def test_caption_rows_line_up_with_repics_own_caption_file(tmp_path, ckpt):
+    """On RePIC's 4-concept set: image strings, keys and questions in the order of their file."""
+    out = tmp_path / "caps4.json"
+    rc = main(["caption", "--model", str(ckpt), "--database",
+               str(REPIC / "databases" / "database_4_concepts" / "database_mod.json"),
+               "--queries", str(REPIC / "queries" / "4_concept_query_templates.json"),
+               "--image-root", str(REPIC / "query-images-4-concepts"), "--out", str(out),
+               "--max-new-tokens", "2", "--max-pixels", str(64 * 28 * 28), "--limit", "3"])
+    assert rc == 0
+    ours = json.loads(out.read_text())
+    theirs = json.loads((REPIC / "captioning" / "quad_concept" / "captioning-skip-retrieval-ours.json").read_text())
+    assert [[r[0], r[1], r[3]] for r in ours] == [[r[0], r[1], r[3]] for r in theirs[:3]]
+
