@@ -11,7 +11,8 @@ import torch
 from rlpt_fast.model.attention import AttentionFn
 from rlpt_fast.rollout import decode_attention as dec
 from rlpt_fast.rollout import kv_store
-from rlpt_fast.rollout.cascade_attention import CascadeMeta, cascade_decode_attention
+from rlpt_fast.rollout.cascade_attention import (CascadeMeta, PrefixGroups, cascade_decode_attention,
+                                                 cascade_decode_attention_triton)
 from rlpt_fast.rollout.prefill_attention import PrefillMeta, prefill_attention
 
 
@@ -33,13 +34,14 @@ def choose_backend(device: torch.device, preference: str = "auto") -> Backend:
 class DecodeMeta:
     """slot_mapping (B,) int64 (-1: padding row); block_tables (B, W) int32; context_lens (B,)
     int32; num_splits / max_context are host ints fixed per batch shape (CUDA-graph safe);
-    cascade: the shared-prefix grouping (torch backend only)."""
+    cascade / groups: the shared-prefix grouping (torch / Triton backend)."""
     slot_mapping: torch.Tensor
     block_tables: torch.Tensor
     context_lens: torch.Tensor
     num_splits: int
     max_context: int
-    cascade: CascadeMeta | None = None  # torch backend: forked groups read their shared prompt once
+    cascade: CascadeMeta | None = None   # torch backend: forked groups read their shared prompt once
+    groups: PrefixGroups | None = None   # the same for the Triton backend
 
 
 def paged_attention(kv_cache: torch.Tensor, backend: Backend, meta: DecodeMeta | None,
@@ -53,6 +55,10 @@ def paged_attention(kv_cache: torch.Tensor, backend: Backend, meta: DecodeMeta |
         backend.store_kv(k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping)
         if prefill is not None:
             return prefill_attention(q, k, v, k_cache, v_cache, prefill, scale)
+        if backend.name == "triton" and meta.groups is not None:
+            return cascade_decode_attention_triton(q.contiguous(), k_cache, v_cache, meta.block_tables,
+                                                   meta.context_lens, meta.groups, scale, meta.num_splits,
+                                                   meta.max_context)
         if backend.name == "triton":
             return backend.decode_attention(q.contiguous(), k_cache, v_cache, meta.block_tables, meta.context_lens,
                                             scale, meta.num_splits, meta.max_context)

@@ -7,15 +7,21 @@ context of each row splits into
     suffix: the rest of its own context (its partial prompt block and its own tokens)
 and the two partial softmaxes are merged by their log-sum-exp:
     out = (o_p * exp(lse_p - m) + o_s * exp(lse_s - m)) / (exp(lse_p - m) + exp(lse_s - m)).
-Torch (gather + batched matmuls), used by the torch backend; exact up to float32 rounding.
+Two implementations with the same math: torch (gather + batched matmuls; the torch backend) and
+Triton (the backend on GPUs): the per-row split kernel of decode_attention reads each row's own
+tokens from `starts`, a prefix kernel gives each (group, member chunk, KV head, prefix split)
+program up to BLOCK_M query rows (members x grouped heads, so the dots are real matrix products),
+and the combine kernel merges all partials.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
 import torch
+import triton
+import triton.language as tl
 
-from rlpt_fast.rollout.decode_attention import context_slots, gather_slots
+from rlpt_fast.rollout.decode_attention import _attend, combine_partials, context_slots, decode_partials, gather_slots
 
 
 @dataclass
@@ -24,7 +30,8 @@ class CascadeMeta:
     token count (> 0); members (NG, M) int64: the rows of each group (padding: row B, a dummy);
     suffix_tables (B, Ws) int64 and suffix_lens (B,) (>= 1): each row's remaining blocks/tokens;
     row_member (B,) int64: index of the row in members.flatten(), or NG*M if it has no group.
-    suffix_start: host list, tokens each row leaves to its group's prefix."""
+    suffix_start: host list, tokens each row leaves to its group's prefix; starts: the same (B,)
+    int32 on the device; member_counts: host list, members of each group."""
     prefix_tables: torch.Tensor
     prefix_lens: torch.Tensor
     members: torch.Tensor
@@ -32,6 +39,8 @@ class CascadeMeta:
     suffix_lens: torch.Tensor
     row_member: torch.Tensor
     suffix_start: list[int]
+    starts: torch.Tensor
+    member_counts: list[int]
 
     def with_lens(self, lens: list[int]) -> "CascadeMeta":
         """The same grouping for the next step of the same rows (block tables unchanged): contexts
@@ -74,7 +83,8 @@ def build_cascade(tables: list[list[int]], lens: list[int], block_size: int, dev
     as_t = lambda x: torch.tensor(x, dtype=torch.long).to(device, non_blocking=True)  # noqa: E731
     start = [s * block_size for s in skip]
     return CascadeMeta(as_t(prefix), as_t([n * block_size for _, n in shared]), as_t(members), as_t(suffix),
-                       as_t([n - s for n, s in zip(lens, start)]), as_t(row_member), start)
+                       as_t([n - s for n, s in zip(lens, start)]), as_t(row_member), start,
+                       as_t(start).int(), [len(rows) for rows, _ in shared])
 
 
 def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, invalid: torch.Tensor, scale: float):
@@ -121,3 +131,100 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     w_p, w_s = (lse_p - mx).exp(), (lse_s - mx).exp()                              # lse_s is finite
     out = (o_p * w_p[..., None] + o_s * w_s[..., None]) / (w_p + w_s)[..., None]
     return out.to(q.dtype)
+
+
+BLOCK_M = 64  # query rows (members x grouped heads) per prefix program
+
+
+def work_items(member_counts: list[int], group: int) -> list[tuple[int, int]]:
+    """(group, first member) of every prefix program: BLOCK_M // group members each."""
+    step = max(1, BLOCK_M // group)
+    return [(g, j) for g, c in enumerate(member_counts) for j in range(0, c, step)]
+
+
+@triton.jit
+def _prefix_kernel(Q, K, V, PTables, PLens, Members, Items, O, Lse, scale, tokens_per_split, slot0,
+                   num_rows, num_member_cols, stride_qb, stride_qh, stride_kb, stride_ks, stride_kh,
+                   stride_pt, stride_mg, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                   GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr):
+    item = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2).to(tl.int64)
+    grp = tl.load(Items + 2 * item).to(tl.int64)
+    j0 = tl.load(Items + 2 * item + 1).to(tl.int64)
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, tl.load(PLens + grp).to(tl.int64))
+    r = tl.arange(0, BLOCK_M)
+    j = j0 + r // GROUP
+    heads = kvh * GROUP + r % GROUP
+    rows = tl.load(Members + grp * stride_mg + j, mask=j < num_member_cols, other=num_rows).to(tl.int64)
+    live = (rows < num_rows) & (r < (BLOCK_M // GROUP) * GROUP)
+    d = tl.arange(0, BLOCK_D)
+    qmask = live[:, None] & (d[None, :] < HEAD_DIM)
+    q = tl.load(Q + rows[:, None] * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=qmask, other=0.0)
+    q = (q.to(tl.float32) * scale).to(K.dtype.element_ty)                          # (M, D)
+    out, lse = _attend(q, K, V, PTables + grp * stride_pt, start, end, kvh, stride_kb, stride_ks, stride_kh,
+                       BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, IEEE)
+    slot = slot0 + split
+    tl.store(O + rows[:, None] * stride_ob + heads[:, None] * stride_oh + slot * stride_os + d[None, :], out, mask=qmask)
+    tl.store(Lse + rows * stride_lb + heads * stride_lh + slot, lse, mask=live)
+
+
+@dataclass
+class PrefixGroups:
+    """Inputs of the Triton cascade (device tensors; host ints fixed per batch shape):
+    starts (B,) int32; tables (G, Wp), lens (G,), members (G, M) as in CascadeMeta; items (I, 2)
+    int32 from work_items, extra items pointing at a group of prefix length 0; splits: prefix
+    splits; max_prefix: bound of lens."""
+    starts: torch.Tensor
+    tables: torch.Tensor
+    lens: torch.Tensor
+    members: torch.Tensor
+    items: torch.Tensor
+    splits: int
+    max_prefix: int
+
+
+def cascade_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                    block_tables: torch.Tensor, context_lens: torch.Tensor, groups: PrefixGroups,
+                                    scale: float, num_splits: int, max_context: int) -> torch.Tensor:
+    """Triton cascade decode. q (B, Hq, D); block_tables (B, W) int32 and context_lens (B,) int32
+    as for decode_attention; groups.starts skips each row's shared prefix. No device value is read
+    on the host: CUDA-graph safe."""
+    b, hq, d = q.shape
+    page, hkv = k_cache.shape[1], k_cache.shape[2]
+    o_part, lse = decode_partials(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits,
+                                  max_context, starts=groups.starts, extra=groups.splits)
+    o_part[:, :, num_splits:].zero_()  # rows outside any group keep an empty prefix part
+    lse[:, :, num_splits:].fill_(float("-inf"))
+    block_n = 32
+    per_split = -(-groups.max_prefix // groups.splits)
+    per_split = -(-per_split // block_n) * block_n
+    _prefix_kernel[(groups.items.shape[0], hkv, groups.splits)](
+        q, k_cache, v_cache, groups.tables, groups.lens, groups.members, groups.items, o_part, lse, scale,
+        per_split, num_splits, b, groups.members.shape[1], q.stride(0), q.stride(1), k_cache.stride(0),
+        k_cache.stride(1), k_cache.stride(2), groups.tables.stride(0), groups.members.stride(0),
+        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
+        GROUP=hq // hkv, BLOCK_M=BLOCK_M, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_N=block_n,
+        PAGE=page, IEEE=k_cache.dtype == torch.float32)
+    return combine_partials(o_part, lse, q.dtype)
+
+
+def prefix_groups(meta: CascadeMeta, group: int, num_kv_heads: int, num_sms: int) -> PrefixGroups:
+    """PrefixGroups for one step from a CascadeMeta, with a trailing empty group for padding."""
+    dev = meta.members.device
+    items = work_items(meta.member_counts, group)
+    max_prefix = int(max(meta.suffix_start)) or 1
+    pad_group = len(meta.member_counts)
+    return PrefixGroups(meta.starts, torch.cat([meta.prefix_tables, meta.prefix_tables[:1]]),
+                        torch.cat([meta.prefix_lens, meta.prefix_lens.new_zeros(1)]),
+                        torch.cat([meta.members, meta.members.new_full((1, meta.members.shape[1]), meta.starts.shape[0])]),
+                        torch.tensor(items or [(pad_group, 0)], dtype=torch.int32).to(dev, non_blocking=True),
+                        choose_splits(len(items), num_kv_heads, max_prefix, num_sms), max_prefix)
+
+
+def choose_splits(programs: int, num_kv_heads: int, length: int, num_sms: int) -> int:
+    from rlpt_fast.rollout.decode_attention import choose_num_splits  # noqa: PLC0415
+
+    return choose_num_splits(max(1, programs), num_kv_heads, length, num_sms)

@@ -13,7 +13,9 @@ class EngineConfig:
     max_num_seqs: decode batch cap. max_num_batched_tokens: prefill token budget per step (longer
     prompts are chunked). max_model_len: prompt + completion cap (finish_reason "length").
     cuda_graphs: capture decode per batch-size bucket (None: on CUDA). attention_backend: "triton"
-    (paged Triton kernels), "torch" (references) or "auto" (Triton on CUDA, torch elsewhere)."""
+    (paged Triton kernels), "torch" (references) or "auto" (Triton on CUDA, torch elsewhere).
+    cascade_decode: the samples of one prompt read its shared KV blocks once per decode step
+    (cascade_attention.py) instead of once per sample."""
     block_size: int = 16
     num_blocks: int | None = None
     kv_cache_bytes: int | None = None
@@ -25,6 +27,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     cuda_graphs: bool | None = None
     attention_backend: Literal["auto", "triton", "torch"] = "auto"
+    cascade_decode: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):

@@ -63,38 +63,27 @@ def attend_slots(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 
 
 @triton.jit
-def _decode_split_kernel(Q, K, V, Tables, Lens, O, Lse, scale, tokens_per_split,
-                         stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_tb,
-                         stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    kvh = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2).to(tl.int64)
-    ctx = tl.load(Lens + b).to(tl.int64)
-    start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, ctx)
-    g = tl.arange(0, BLOCK_G)
+def _attend(q, K, V, table, start, end, kvh, stride_kb, stride_ks, stride_kh,
+            ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+            PAGE: tl.constexpr, IEEE: tl.constexpr):
+    """Online softmax of q (ROWS, D), already scaled, over context tokens [start, end) of one block
+    table (KV head kvh). Returns (out (ROWS, D) f32, lse (ROWS,) f32; -inf for an empty range)."""
     d = tl.arange(0, BLOCK_D)
-    heads = kvh * GROUP + g
-    qmask = (g[:, None] < GROUP) & (d[None, :] < HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=qmask, other=0.0)
-    # the dots run in the cache's dtype (bf16/fp16 tensor cores, fp32 accumulation); an fp32
-    # cache uses exact fp32 dots (IEEE), not TF32
-    q = (q.to(tl.float32) * scale).to(K.dtype.element_ty)                          # (G, D)
-    m = tl.full((BLOCK_G,), -1e30, tl.float32)  # finite, so exp(m_old - m_new) never sees inf - inf
-    l = tl.zeros((BLOCK_G,), tl.float32)
-    acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+    m = tl.full((ROWS,), -1e30, tl.float32)  # finite, so exp(m_old - m_new) never sees inf - inf
+    l = tl.zeros((ROWS,), tl.float32)
+    acc = tl.zeros((ROWS, BLOCK_D), tl.float32)
     for t0 in range(start, end, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
         valid = t < end
-        page = tl.load(Tables + b * stride_tb + t // PAGE, mask=valid, other=0).to(tl.int64)
+        page = tl.load(table + t // PAGE, mask=valid, other=0).to(tl.int64)
         rows = page * stride_kb + (t % PAGE) * stride_ks + kvh * stride_kh        # (N,)
         kvmask = valid[:, None] & (d[None, :] < HEAD_DIM)
         k = tl.load(K + rows[:, None] + d[None, :], mask=kvmask, other=0.0)
         v = tl.load(V + rows[:, None] + d[None, :], mask=kvmask, other=0.0)
+        # the dots run in the cache's dtype (bf16/fp16 tensor cores, fp32 accumulation); an fp32
+        # cache uses exact fp32 dots (IEEE), not TF32
         if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")                    # (G, N)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")                    # (ROWS, N)
         else:
             s = tl.dot(q, tl.trans(k))
         s = tl.where(valid[None, :], s, float("-inf"))
@@ -111,6 +100,32 @@ def _decode_split_kernel(Q, K, V, Tables, Lens, O, Lse, scale, tokens_per_split,
     nonempty = l > 0
     out = acc / tl.where(nonempty, l, 1.0)[:, None]
     lse = tl.where(nonempty, m + tl.log(tl.where(nonempty, l, 1.0)), float("-inf"))
+    return out, lse
+
+
+@triton.jit
+def _decode_split_kernel(Q, K, V, Tables, Lens, Starts, O, Lse, scale, tokens_per_split,
+                         stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_tb,
+                         stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr,
+                         HAS_STARTS: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2).to(tl.int64)
+    ctx = tl.load(Lens + b).to(tl.int64)
+    start = split * tokens_per_split
+    if HAS_STARTS:  # the tokens before Starts[b] are read by its group's shared-prefix pass
+        start += tl.load(Starts + b).to(tl.int64)
+    end = tl.minimum(start + tokens_per_split, ctx)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    heads = kvh * GROUP + g
+    qmask = (g[:, None] < GROUP) & (d[None, :] < HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=qmask, other=0.0)
+    q = (q.to(tl.float32) * scale).to(K.dtype.element_ty)                          # (G, D)
+    out, lse = _attend(q, K, V, Tables + b * stride_tb, start, end, kvh, stride_kb, stride_ks, stride_kh,
+                       BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, IEEE)
     tl.store(O + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :], out, mask=qmask)
     tl.store(Lse + b * stride_lb + heads * stride_lh + split, lse, mask=g < GROUP)
 
@@ -127,7 +142,7 @@ def _decode_combine_kernel(O_part, Lse, Out, num_splits, stride_pb, stride_ph, s
     w = tl.exp(lse - tl.max(lse, 0))                                   # empty splits weigh 0
     o = tl.load(O_part + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :],
                 mask=(s[:, None] < num_splits) & (d[None, :] < HEAD_DIM), other=0.0)
-    out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+    out = tl.sum(tl.where(w[:, None] > 0, o * w[:, None], 0.0), 0) / tl.sum(w, 0)
     tl.store(Out + b * stride_ob + h * stride_oh + d, out.to(Out.dtype.element_ty), mask=d < HEAD_DIM)
 
 
@@ -137,6 +152,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """Triton version of `decode_attention_reference` (same arguments). max_context bounds every
     context_lens entry (default: W * block_size, the block table's reach); the split length is
     derived from it on the host, so no device value is read and the call is CUDA-graph safe."""
+    o_part, lse = decode_partials(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, max_context)
+    return combine_partials(o_part, lse, q.dtype)
+
+
+def decode_partials(q, k_cache, v_cache, block_tables, context_lens, scale: float, num_splits: int = 1,
+                    max_context: int | None = None, starts: torch.Tensor | None = None, extra: int = 0):
+    """The split pass alone: (o_part (B, Hq, num_splits + extra, D) f32, lse (B, Hq, num_splits + extra) f32).
+    starts (B,) int32: each row's first context token (the ones before are read elsewhere). The
+    `extra` trailing partial slots are left unwritten for another pass (see cascade_attention)."""
     _check(q, k_cache, v_cache, block_tables, context_lens)
     b, hq, d = q.shape
     page, hkv = k_cache.shape[1], k_cache.shape[2]
@@ -145,22 +169,28 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     block_n = 32
     per_split = -(-max_context // num_splits)
     per_split = -(-per_split // block_n) * block_n
-    o_part = torch.empty(b, hq, num_splits, d, device=q.device, dtype=torch.float32)
-    lse = torch.empty(b, hq, num_splits, device=q.device, dtype=torch.float32)
+    o_part = torch.empty(b, hq, num_splits + extra, d, device=q.device, dtype=torch.float32)
+    lse = torch.empty(b, hq, num_splits + extra, device=q.device, dtype=torch.float32)
     group = hq // hkv
     _decode_split_kernel[(b, hkv, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, o_part, lse, scale, per_split,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q, k_cache, v_cache, block_tables, context_lens, context_lens if starts is None else starts, o_part, lse,
+        scale, per_split, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse.stride(0), lse.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
         BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_N=block_n, PAGE=page,
-        IEEE=k_cache.dtype == torch.float32)
-    out = torch.empty_like(q)
+        IEEE=k_cache.dtype == torch.float32, HAS_STARTS=starts is not None)
+    return o_part, lse
+
+
+def combine_partials(o_part: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Merge (B, Hq, S, D) partial outputs by their log-sum-exp -> (B, Hq, D) in dtype."""
+    b, hq, splits, d = o_part.shape
+    out = torch.empty(b, hq, d, device=o_part.device, dtype=dtype)
     _decode_combine_kernel[(b, hq)](
-        o_part, lse, out, num_splits, o_part.stride(0), o_part.stride(1), o_part.stride(2),
+        o_part, lse, out, splits, o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
+        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_S=max(2, triton.next_power_of_2(splits)))
     return out
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from rlpt_fast.rollout.attention import DecodeMeta, choose_backend, paged_attention
-from rlpt_fast.rollout.cascade_attention import build_cascade
+from rlpt_fast.rollout.cascade_attention import build_cascade, prefix_groups
 from rlpt_fast.rollout.config import EngineConfig
 from rlpt_fast.rollout.decode_attention import choose_num_splits
 from rlpt_fast.rollout.params import Request, SamplingParams
@@ -54,7 +54,8 @@ class ModelRunner:
         self._tables_host: list[list[int]] = []
         self._tables_dev = torch.empty(0, 0, dtype=torch.int32)
         self._tables_changed = True
-        self._cascade = None  # torch backend: the shared-prefix grouping, rebuilt when tables change
+        self._cascade = None  # the shared-prefix grouping, rebuilt when block tables change
+        self._groups = None   # its Triton form
         self.num_blocks = self._count_blocks()
         self.kv_cache = torch.zeros(2, self.num_layers, self.num_blocks, config.block_size, self.num_kv_heads,
                                     self.head_dim, dtype=self.dtype, device=self.device)
@@ -207,18 +208,31 @@ class ModelRunner:
         inputs = torch.tensor(inputs)                                    # (4, B): ids, position, slot, length
         inputs = (inputs.pin_memory() if self.on_cuda else inputs).to(dev, non_blocking=True)
         tables = self._block_tables(seqs)
+        cascade = self._cascade_for(seqs, lens)
         if self.graphs is not None and self.graphs.fits(len(seqs)):
-            return self.graphs.run(inputs, tables)
+            return self.graphs.run(inputs, tables, cascade)
         meta = DecodeMeta(inputs[2], tables, inputs[3].int(),
                           choose_num_splits(len(seqs), self.num_kv_heads, max(lens), self.num_sms),
                           tables.shape[1] * bs)
-        if self.backend.name == "torch":
-            if self._tables_changed or self._cascade is None:
-                self._cascade = build_cascade([s.block_table for s in seqs], lens, bs, dev)
-            else:
-                self._cascade = self._cascade.with_lens(lens)
-            meta.cascade = self._cascade
+        if cascade is not None and self.backend.name == "torch":
+            meta.cascade = cascade
+        elif cascade is not None:
+            meta.groups = self._groups
         return self.decode_logits(inputs[0], inputs[1].expand(3, -1), meta)
+
+    def _cascade_for(self, seqs: list[Sequence], lens: list[int]):
+        """The shared-prefix grouping of this decode batch (None: nothing shared, or turned off),
+        rebuilt only when the block tables changed (see _block_tables)."""
+        if not self.config.cascade_decode:
+            return None
+        if self._tables_changed or self._cascade is None:
+            self._cascade = build_cascade([s.block_table for s in seqs], lens, self.config.block_size, self.device)
+            if self._cascade is not None and self.backend.name == "triton":
+                group = self.model.config.num_attention_heads // self.num_kv_heads
+                self._groups = prefix_groups(self._cascade, group, self.num_kv_heads, self.num_sms)
+        else:
+            self._cascade = self._cascade.with_lens(lens)
+        return self._cascade
 
     def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
         """(B, W) int32 on the device. Tables change only when a sequence crosses into a new block

@@ -43,13 +43,16 @@ def test_greedy_matches_transformers_generate(models, engine_kw):
         assert engine.stats["prefill_tokens"] == sum(p[0].numel() for p in prompts)
 
 
-def test_triton_backend_in_engine_matches_torch_backend(models):
+@pytest.mark.parametrize("cascade", [True, False])
+def test_triton_backend_in_engine_matches_torch_backend(models, cascade):
     ours, _ = models
     prompts = cases(ours.config)[:2]
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    ref = Engine(ours, num_blocks=64, block_size=4).generate([Request(*p) for p in prompts], params)
-    tri = Engine(ours, num_blocks=64, block_size=4, attention_backend="triton").generate(
-        [Request(*p) for p in prompts], params)
-    assert [o[0].token_ids for o in tri] == [o[0].token_ids for o in ref]
+    params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+              SamplingParams(n=3, max_tokens=6, ignore_eos=True, seed=1)]  # 3 samples share the prompt
+    kw = dict(num_blocks=64, block_size=4, cascade_decode=cascade)
+    ref = Engine(ours, **kw).generate([Request(*p) for p in prompts], params)
+    tri = Engine(ours, attention_backend="triton", **kw).generate([Request(*p) for p in prompts], params)
+    assert [[c.token_ids for c in o] for o in tri] == [[c.token_ids for c in o] for o in ref]
     for a, b in zip(tri, ref):
-        torch.testing.assert_close(torch.tensor(a[0].logprobs), torch.tensor(b[0].logprobs), atol=1e-4, rtol=0)
+        for x, y in zip(a, b):
+            torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-4, rtol=0)

@@ -161,3 +161,32 @@ def test_cascade_grouping_carries_over_to_the_next_step():
     for lens in ([14, 13, 7], [16, 15, 8]):
         want = cascade_decode_attention(q, k_cache, v_cache, build_cascade(tables, lens, 4, "cpu"), 0.25)
         torch.testing.assert_close(cascade_decode_attention(q, k_cache, v_cache, old.with_lens(lens), 0.25), want)
+
+
+@pytest.mark.parametrize("hq,hkv,splits,prefix_splits", [(4, 2, 1, 1), (6, 2, 2, 3), (8, 1, 3, 2)])
+def test_triton_cascade_decode_matches_reference(hq, hkv, splits, prefix_splits, device):
+    from rlpt_fast.rollout.cascade_attention import (PrefixGroups, build_cascade, cascade_decode_attention_triton,
+                                                     prefix_groups)
+
+    gen = torch.Generator().manual_seed(hq + splits)
+    bs, d = 4, 16
+    k_cache = torch.randn(40, bs, hkv, d, generator=gen)
+    v_cache = torch.randn(40, bs, hkv, d, generator=gen)
+    k_cache[30:] = float("nan")
+    v_cache[30:] = float("nan")
+    k_cache, v_cache = k_cache.to(device), v_cache.to(device)
+    tables = [[0, 1, 2, 10], [0, 1, 2, 11, 12], [0, 1, 2, 13], [5, 14], [5, 15, 16], [20, 21], [22, 23, 24, 25]]
+    lens = [14, 20, 13, 6, 9, 7, 15]
+    groups = prefix_groups(build_cascade(tables, lens, bs, device), hq // hkv, hkv, 1)
+    assert groups.max_prefix == 12
+    # padding items point at the trailing group of prefix length 0 (as the CUDA graphs' static buffers do)
+    pad = torch.tensor([[groups.lens.shape[0] - 1, 0]] * 2, dtype=torch.int32, device=device)
+    groups = PrefixGroups(groups.starts, groups.tables, groups.lens, groups.members,
+                          torch.cat([groups.items, pad]), prefix_splits, groups.max_prefix)
+    q = torch.randn(len(lens), hq, d, generator=gen).to(device)
+    width = max(map(len, tables))
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=device)
+    want = decode_attention_reference(q, k_cache, v_cache, bt, ctx, d ** -0.5)
+    got = cascade_decode_attention_triton(q, k_cache, v_cache, bt, ctx, groups, d ** -0.5, splits, width * bs)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
