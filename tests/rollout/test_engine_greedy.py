@@ -56,3 +56,25 @@ def test_triton_backend_in_engine_matches_torch_backend(models, cascade):
     for a, b in zip(tri, ref):
         for x, y in zip(a, b):
             torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-4, rtol=0)
+
+
+def test_cuda_graph_static_buffers_give_the_same_tokens(models, monkeypatch):
+    """The CUDA-graph decode path with each replay replaced by a plain call of the captured
+    function (CPU): static buffers, bucket padding and the cascade's static groups are exercised."""
+    from rlpt_fast.rollout import cuda_graphs
+
+    def fake_capture(self):
+        for b in self.buckets:
+            self.graphs[b] = type("Replay", (), {"replay": lambda _, b=b: self.outputs.__setitem__(b, self._forward(b))})()
+
+    monkeypatch.setattr(cuda_graphs.DecodeGraphs, "capture", fake_capture)
+    ours, _ = models
+    prompts = cases(ours.config)[:3]
+    params = [SamplingParams(n=3, max_tokens=6, ignore_eos=True, seed=2), SamplingParams(temperature=0, max_tokens=5),
+              SamplingParams(n=2, max_tokens=7, ignore_eos=True, seed=3)]
+    kw = dict(num_blocks=64, block_size=4, max_num_seqs=8, max_model_len=64)
+    ref = Engine(ours, **kw).generate([Request(*p) for p in prompts], params)
+    graphed = Engine(ours, attention_backend="triton", cuda_graphs=True, **kw)
+    assert graphed.runner.graphs is not None and graphed.runner.graphs.buckets == [1, 2, 4, 8]
+    got = graphed.generate([Request(*p) for p in prompts], params)
+    assert [[c.token_ids for c in o] for o in got] == [[c.token_ids for c in o] for o in ref]
