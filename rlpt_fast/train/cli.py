@@ -7,6 +7,16 @@ rlpt_fast/train/trainer.py for the step and rlpt_fast/train/config.py for every 
     rlpt train run.toml --grpo.beta=0 --lr=2e-5          # overrides: --section.key=value or --key=value
     rlpt train run.toml --resume                         # continue from the latest checkpoint
 
+A minimal config (every other key has RePIC's default; see rlpt_fast/train/config.py):
+
+    [model]
+    path = "/models/Qwen2.5-VL-7B-Instruct"     # a local Hugging Face directory
+    [data]
+    files = ["repic_train.jsonl"]               # RePIC rows; paths relative to this file
+    [train]
+    output_dir = "runs/repic"
+    checkpoint_every = 100
+
 Exit status 1 with a one-line reason on a bad config, bad data, a reward that raised, or too many
 non-finite steps in a row. The last line printed is a JSON summary (steps, checkpoint, metrics).
 """
@@ -18,6 +28,8 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = __doc__[__doc__.index("A minimal config"):__doc__.index("Exit status")].rstrip()
     p.add_argument("config", help="TOML file ([model], [lora], [data], [grpo], [optim], [train], [engine])")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in train.output_dir (fresh start if none)")

@@ -262,6 +262,9 @@ class Trainer:
         mon.resume_at(self.state.step)
         if self.resume_from is not None:
             mon.message(f"resumed from {self.resume_from} (step {self.state.step})")
+        elif (old := ckpt.latest_checkpoint(self.output_dir)) is not None:
+            mon.message(f"warning: {self.output_dir} holds checkpoints of an earlier run (latest {old.name}); "
+                        "this fresh run overwrites them step by step (--resume continues that run instead)")
         (self.output_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
         last, saved = {}, None
         try:
