@@ -115,7 +115,11 @@ def build_checkpoint(kind: str, tmp: Path, device: str, args):
             ours = QwenVLModel(load_model_config(path))
         ours.to(dtype=torch.bfloat16).to_empty(device=device)
         ours.tie_weights()
-        ours.load_state_dict(theirs.state_dict(), strict=False)  # the tied head is shared, not loaded
+        result = ours.load_state_dict(theirs.state_dict(), strict=False)  # a tied head is shared, not loaded
+        missing = set(result.missing_keys) - ({"lm_head.weight"} if ours.config.tie_word_embeddings else set())
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"weights do not line up: missing {sorted(missing)[:5]}, "
+                               f"unexpected {result.unexpected_keys[:5]}")
         return ours
     return path, ours_3b, theirs
 
