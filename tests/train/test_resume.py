@@ -48,8 +48,8 @@ def test_sigkill_mid_step_then_resume_matches_uninterrupted(tmp_path, ckpt, worl
     first = run / "checkpoints" / "step-00000002"
     deadline = time.time() + 120
     while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)  # into step 3: rollout under way
+        time.sleep(0.01)
+    time.sleep(0.05)  # step 3 starts as soon as checkpoint 2 is renamed into place: kill inside it
     assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read()[-2000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
