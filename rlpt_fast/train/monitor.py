@@ -42,8 +42,7 @@ class Monitor:
     def resume_at(self, step: int) -> None:
         """Drop logged steps after `step` (they will be re-run) and move the bar there."""
         if self.path.exists():
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= step]
+            keep = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
             self.path.write_text("".join(line + "\n" for line in keep))
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
@@ -79,6 +78,14 @@ class Monitor:
         if self.writer is not None:
             self.writer.close()
         return plot_metrics(self.history(), self.dir / "plots") if self.want_plots else []
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a blank or torn line (a kill mid-write)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def plot_metrics(history: list[dict], out_dir: Path) -> list[Path]:

@@ -54,3 +54,12 @@ def test_save_and_resume_restore_everything(make_config):
 def test_resume_without_checkpoint_starts_fresh(make_config):
     tr = Trainer(make_config(), resume=True)
     assert tr.resume_from is None and tr.state.step == 0 and tr.stream.position == 0
+
+
+def test_resume_drops_logged_steps_past_the_checkpoint_and_torn_lines(tmp_path):
+    from rlpt_fast.train.monitor import Monitor
+
+    mon = Monitor(tmp_path, 5, progress=False, tensorboard=False, plots=False)
+    mon.path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"ste')
+    mon.resume_at(2)
+    assert mon.path.read_text() == '{"step": 1}\n{"step": 2}\n'
