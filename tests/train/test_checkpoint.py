@@ -63,3 +63,17 @@ def test_resume_drops_logged_steps_past_the_checkpoint_and_torn_lines(tmp_path):
     mon.path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"ste')
     mon.resume_at(2)
     assert mon.path.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_full_fine_tuning_checkpoint_resumes_weights_and_optimizer(make_config):
+    cfg = make_config("--lora.enabled=false", "--optim.lr=1e-3", "--grpo.beta=0")
+    tr = Trainer(cfg)
+    tr.step()
+    path = tr.save()
+    assert (path / "model" / "config.json").is_file() and not (path / "adapter").exists()
+    back = Trainer(cfg, resume=True)
+    for (n, p), (_, q) in zip(tr.model.named_parameters(), back.model.named_parameters()):
+        assert torch.equal(p, q), n
+    assert back.param_names == tr.param_names
+    a, b = tr.optimizer.state_dict()["state"], back.optimizer.state_dict()["state"]
+    assert a.keys() == b.keys() and all(torch.equal(a[i]["exp_avg"], b[i]["exp_avg"]) for i in a)
