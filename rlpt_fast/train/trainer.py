@@ -133,13 +133,14 @@ class Trainer:
 
     def _engine_config(self) -> dict:
         """The [engine] table; on CUDA, unless it sizes the KV cache itself, the cache gets what one
-        step needs (prompts of up to 4096 tokens held once, G completions each, 25% slack) instead
+        step needs (prompts up to max_model_len held once, G completions each, 25% slack) instead
         of most of the free memory, which the training forward needs."""
         cfg, g = self.cfg, self.cfg.grpo
         out = dict(cfg.engine)
         if self.device.type == "cuda" and not {"num_blocks", "kv_cache_bytes", "gpu_memory_utilization"} & set(out):
             prompts = cfg.train.prompts_per_step * cfg.train.grad_accum
-            tokens = prompts * (4096 + g.num_generations * (g.max_new_tokens + 16))
+            longest_prompt = out.get("max_model_len", 4096)
+            tokens = prompts * (longest_prompt + g.num_generations * (g.max_new_tokens + 16))
             out["kv_cache_bytes"] = int(1.25 * tokens * self.model.kv_bytes_per_token())
         return out
 
