@@ -57,7 +57,7 @@ def parse_args() -> argparse.Namespace:
     w.add_argument("--new-tokens", type=int, default=256 if gpu else 32, help="tokens per completion (N)")
     w.add_argument("--scene-size", type=int, default=896 if gpu else 224, help="query image side (pixels)")
     w.add_argument("--ref-size", type=int, default=224 if gpu else 112, help="reference image side (pixels)")
-    w.add_argument("--steps", type=int, default=3 if gpu else 2, help="timed steps (after one warm-up step)")
+    w.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up step)")
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=["auto", "tiny", "3b"], default="auto", help="auto: 3b on GPU, tiny on CPU")
     m.add_argument("--lora-r", type=int, default=64 if gpu else 16)
