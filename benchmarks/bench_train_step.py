@@ -55,7 +55,7 @@ def parse_args() -> argparse.Namespace:
     w.add_argument("--prompts", type=int, default=2, help="prompts per step (B); RePIC: 2")
     w.add_argument("--group", type=int, default=8, help="completions per prompt (G); RePIC: 8")
     w.add_argument("--new-tokens", type=int, default=256 if gpu else 32, help="tokens per completion (N)")
-    w.add_argument("--scene-size", type=int, default=896 if gpu else 224, help="query image side (pixels)")
+    w.add_argument("--scene-size", type=int, default=952 if gpu else 224, help="query image side (pixels)")
     w.add_argument("--ref-size", type=int, default=224 if gpu else 112, help="reference image side (pixels)")
     w.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up step)")
     m = p.add_argument_group("model")
