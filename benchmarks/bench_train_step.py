@@ -57,6 +57,9 @@ def parse_args() -> argparse.Namespace:
     w.add_argument("--new-tokens", type=int, default=256 if gpu else 32, help="tokens per completion (N)")
     w.add_argument("--scene-size", type=int, default=952 if gpu else 224, help="query image side (pixels)")
     w.add_argument("--ref-size", type=int, default=224 if gpu else 112, help="reference image side (pixels)")
+    w.add_argument("--rows", choices=["pair", "single"], default="single" if gpu else "pair",
+                   help="pair: [reference, scene] rows (RePIC's 512 rule); single: scene-only rows (its "
+                        "1024 rule: a 952-px scene gives RePIC's ~1,300-token prompts)")
     w.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up step)")
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=["auto", "tiny", "3b"], default="auto", help="auto: 3b on GPU, tiny on CPU")
@@ -125,7 +128,7 @@ def build_checkpoint(kind: str, tmp: Path, device: str, args):
 
 
 class World:
-    """n training rows of the synthetic world (a reference image and a scene each), in a JSONL file."""
+    """n training rows of the synthetic world, all with --rows' image count, in a JSONL file."""
 
     def __init__(self, root: Path, args, n_rows: int):
         from rlpt_fast import synthetic
@@ -133,9 +136,10 @@ class World:
         files = synthetic.write_world(synthetic.make_world(0, n_concepts=6, n_scenes=12, ref_size=args.ref_size,
                                                            scene_size=args.scene_size), root)
         rows = [json.loads(line) for line in files.rows.read_text().splitlines()]
-        # [reference, scene] rows only: transformers' Qwen2.5-VL rope index fails on a left-padded
+        # one image count for all rows: transformers' Qwen2.5-VL rope index fails on a left-padded
         # batch whose prompts hold different numbers of images (TRL's generate would crash)
-        rows = [r for r in rows if isinstance(r["image"], list) and len(r["image"]) == 2]
+        want = 1 if args.rows == "single" else 2
+        rows = [r for r in rows if (1 if isinstance(r["image"], str) else len(r["image"])) == want]
         self.root, self.rows = root, [rows[i % len(rows)] for i in range(n_rows)]
         self.rows_file = root / "bench_rows.jsonl"
         self.rows_file.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
