@@ -79,6 +79,11 @@ class Trainer:
         self.device = resolve_device(cfg.model.device)
         self.dtype = resolve_dtype(cfg.model.dtype, self.device)
         self.resume_from = ckpt.latest_checkpoint(self.output_dir) if resume else None
+        if rows is None:  # before the model: bad data fails fast, naming each bad row
+            if not cfg.data.files:
+                raise ValueError("data.files is empty: give RePIC-format training rows (JSON/JSONL)")
+            rows = load_rows(cfg.data.files, skip_invalid=cfg.data.skip_invalid).rows
+        self.rows = rows
         seed_everything(cfg.train.seed)
         self.model, self.ref_model = self._build_models(model)
         self.sampling_overrides: dict = {}
@@ -87,11 +92,6 @@ class Trainer:
         self.params = [p for _, p in named]
         self.builder = PromptBuilder(cfg.model.path)
         self.tokenizer = self.builder.tokenizer
-        if rows is None:
-            if not cfg.data.files:
-                raise ValueError("data.files is empty: give RePIC-format training rows (JSON/JSONL)")
-            rows = load_rows(cfg.data.files, skip_invalid=cfg.data.skip_invalid).rows
-        self.rows = rows
         self.stream = PromptStream(rows, cfg.train.seed, shuffle=cfg.data.shuffle, task_mix=cfg.data.task_mix)
         self.engine = Engine(self.model, **self._engine_config())
         self.optimizer = build_optimizer(self.params, cfg.optim)

@@ -67,3 +67,18 @@ def test_every_bare_key_resolves_to_its_section():
         for name in kind.__dataclass_fields__:
             assert _resolve_key(name) == (section, name)
     assert load_config(None, ["--enabled=false"]).lora.enabled is False
+
+
+def test_rlpt_train_reports_bad_config_and_bad_rows_in_one_line(tmp_path, capsys):
+    from rlpt_fast.cli import main
+
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('[model]\npath = "nowhere"\n[data]\nfiles = ["rows.jsonl"]\n[grpo]\nbetta = 1\n')
+    assert main(["train", str(cfg)]) == 1
+    assert "grpo.betta" in capsys.readouterr().err
+    (tmp_path / "rows.jsonl").write_text('{"image": "x.png", "problem": "p", "solution": "maybe", '
+                                         '"accu_reward_method": "yes_no"}\n')
+    cfg.write_text('[model]\npath = "nowhere"\n[data]\nfiles = ["rows.jsonl"]\n')
+    assert main(["train", str(cfg), "--train.progress=false"]) == 1
+    err = capsys.readouterr().err
+    assert "rows.jsonl: line 1" in err and "'yes' or 'no'" in err
