@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from rlpt_fast.rollout.decode_attention import _attend, combine_partials, context_slots, decode_partials, gather_slots
+from rlpt_fast.rollout.decode_attention import (_attend, choose_num_splits, combine_partials, context_slots,
+                                                decode_partials, gather_slots)
 
 
 @dataclass
@@ -237,10 +238,4 @@ def prefix_groups(meta: CascadeMeta, group: int, num_kv_heads: int, num_sms: int
                         torch.cat([meta.prefix_lens, meta.prefix_lens.new_zeros(1)]),
                         torch.cat([meta.members, meta.members.new_full((1, meta.members.shape[1]), meta.starts.shape[0])]),
                         torch.tensor(items or [(pad_group, 0)], dtype=torch.int32).to(dev, non_blocking=True),
-                        choose_splits(len(items), num_kv_heads, max_prefix, num_sms), max_prefix)
-
-
-def choose_splits(programs: int, num_kv_heads: int, length: int, num_sms: int) -> int:
-    from rlpt_fast.rollout.decode_attention import choose_num_splits  # noqa: PLC0415
-
-    return choose_num_splits(max(1, programs), num_kv_heads, length, num_sms)
+                        choose_num_splits(max(1, len(items)), num_kv_heads, max_prefix, num_sms), max_prefix)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from rlpt_fast.rollout.attention import DecodeMeta
-from rlpt_fast.rollout.cascade_attention import BLOCK_M, PrefixGroups, choose_splits
+from rlpt_fast.rollout.cascade_attention import BLOCK_M, PrefixGroups
 from rlpt_fast.rollout.decode_attention import choose_num_splits
 
 
@@ -56,7 +56,7 @@ class DecodeGraphs:
         meta = DecodeMeta(self.slots[:b], self.tables[:b], self.lens[:b],
                           choose_num_splits(b, r.num_kv_heads, cfg.max_model_len, r.num_sms), max_context)
         if self.cascade:
-            splits = choose_splits(max(1, b // 8), r.num_kv_heads, cfg.max_model_len, r.num_sms)
+            splits = choose_num_splits(max(1, b // 8), r.num_kv_heads, cfg.max_model_len, r.num_sms)
             meta.groups = PrefixGroups(self.starts[:b], self.group_tables, self.group_lens, self.members,
                                        self.items, splits, max_context)
         return meta

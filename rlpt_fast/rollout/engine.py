@@ -5,10 +5,16 @@
                            SamplingParams(n=8, temperature=1.0, max_tokens=256))
     outs[i][j].token_ids, outs[i][j].logprobs, outs[i][j].finish_reason
 
-Each prompt is prefilled ONCE and forked into its n samples, which share the prompt's KV blocks.
-All sequences of all prompts are decoded together (continuous batching). The model runs in eval
-mode (no dropout) under no_grad for the call and is put back as it was. One engine per model is
-enough; several engines on one model are allowed (each has its own cache).
+Each prompt is prefilled ONCE and forked into its n samples, which share the prompt's KV blocks
+(and, in decode, read them once per step for the whole group: cascade_attention.py). All sequences
+of all prompts are decoded together (continuous batching). The model runs in eval mode (no
+dropout) under no_grad for the call and is put back as it was. The engine holds no global state:
+several engines on one model are allowed (each has its own cache).
+
+engine.stats (running totals): prefill_tokens (tokens computed by prefill, recomputation after
+preemption included, prefix-cache hits excluded), decode_tokens, preemptions, generated_tokens,
+prefill_steps / decode_steps and prefill_seconds / decode_seconds (host clock; each step ends with
+its host sync), prefix_cache_hit_tokens.
 """
 from __future__ import annotations
 
@@ -93,7 +99,7 @@ class Engine:
     def step(self) -> list[Sequence]:
         """One scheduled step; returns the sequences it finished."""
         preempted = self.scheduler.num_preemptions
-        hits = self.block_manager_hits()
+        hits = self.block_manager.num_hit_tokens
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         samples = self.runner.run(batch)  # ends with the step's host sync, so the clock is fair
@@ -104,11 +110,8 @@ class Engine:
         self.stats[f"{kind}_seconds"] += time.perf_counter() - t0
         self.stats["generated_tokens"] += sum(len(s) for s in samples)
         self.stats["preemptions"] += self.scheduler.num_preemptions - preempted
-        self.stats["prefix_cache_hit_tokens"] += self.block_manager_hits() - hits
+        self.stats["prefix_cache_hit_tokens"] += self.block_manager.num_hit_tokens - hits
         return finished
-
-    def block_manager_hits(self) -> int:
-        return self.block_manager.num_hit_tokens
 
 
 def _image_spans(req: Request, image_token_id: int) -> tuple[ImageSpan, ...]:

@@ -21,14 +21,12 @@ from rlpt_fast.rollout.attention import DecodeMeta, choose_backend, paged_attent
 from rlpt_fast.rollout.cascade_attention import build_cascade, prefix_groups
 from rlpt_fast.rollout.config import EngineConfig
 from rlpt_fast.rollout.decode_attention import choose_num_splits
+from rlpt_fast.rollout.kv_cache import count_blocks
 from rlpt_fast.rollout.params import Request, SamplingParams
 from rlpt_fast.rollout.prefill_attention import PrefillMeta
 from rlpt_fast.rollout.sampler import SamplingTensors, sample
 from rlpt_fast.rollout.scheduler import Batch
 from rlpt_fast.rollout.sequence import Sequence
-
-CPU_KV_CACHE_BYTES = 256 << 20
-
 
 @dataclass
 class RequestState:
@@ -56,7 +54,7 @@ class ModelRunner:
         self._tables_changed = True
         self._cascade = None  # the shared-prefix grouping, rebuilt when block tables change
         self._groups = None   # its Triton form
-        self.num_blocks = self._count_blocks()
+        self.num_blocks = count_blocks(model, config, self.block_bytes)
         self.kv_cache = torch.zeros(2, self.num_layers, self.num_blocks, config.block_size, self.num_kv_heads,
                                     self.head_dim, dtype=self.dtype, device=self.device)
         self.graphs = None
@@ -71,40 +69,6 @@ class ModelRunner:
     @property
     def block_bytes(self) -> int:
         return 2 * self.num_layers * self.config.block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
-
-    # -- cache size -------------------------------------------------------------------------
-    def _count_blocks(self) -> int:
-        cfg = self.config
-        if cfg.num_blocks is not None:
-            return cfg.num_blocks
-        if self.on_cuda and cfg.kv_cache_bytes is None:
-            return self._blocks_from_free_memory()
-        useful = cfg.max_num_seqs * cfg.max_blocks_per_seq + 1
-        return max(1, min(useful, (cfg.kv_cache_bytes or CPU_KV_CACHE_BYTES) // self.block_bytes))
-
-    def _blocks_from_free_memory(self) -> int:
-        """Run the largest prefill and sampling once, then give the cache what is left."""
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        n = min(self.config.max_num_batched_tokens, self.config.max_model_len)
-        with torch.no_grad():
-            from rlpt_fast.model.attention import causal_attention  # noqa: PLC0415
-            ids = torch.zeros(n, dtype=torch.long, device=self.device)
-            hidden = self.model.forward_hidden(self.model.embed(ids), torch.arange(n, device=self.device).expand(3, n),
-                                               causal_attention(torch.tensor([0, n])))
-            rows = min(self.config.max_num_seqs, n)
-            logits = self.model.compute_logits(hidden[-rows:])
-            sample(logits, SamplingTensors.from_rows([(1.0, 5, 0.9, 0, 0, 0)] * rows, self.device))
-            del hidden, logits
-        torch.cuda.synchronize(self.device)
-        free, total = torch.cuda.mem_get_info(self.device)
-        peak_extra = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
-        budget = total * self.config.gpu_memory_utilization - (total - free) - peak_extra
-        blocks = int(budget) // self.block_bytes
-        if blocks < self.config.max_blocks_per_seq:
-            raise RuntimeError(f"only {blocks} KV-cache blocks fit in GPU memory, one sequence of max_model_len="
-                               f"{self.config.max_model_len} needs {self.config.max_blocks_per_seq}")
-        return blocks
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, index: int, request: Request, params: SamplingParams, seed: int) -> None:

@@ -122,3 +122,11 @@ def test_engine_follows_in_place_weight_updates_including_lora(ckpt25, mm):
     model.train()
     got = engine.generate([Request(*mm)], params)[0][0].token_ids
     assert got == want != base
+
+
+def test_cpu_cache_size_follows_budget_and_cap(model):
+    per_block = Engine(model, num_blocks=1).runner.block_bytes
+    cfg = model.config
+    assert per_block == 2 * cfg.num_hidden_layers * 16 * cfg.num_key_value_heads * cfg.head_dim * 4
+    assert Engine(model, kv_cache_bytes=50 * per_block + 7).num_blocks == 50
+    assert Engine(model, max_num_seqs=2, max_model_len=64).num_blocks == 2 * 4 + 1  # all it could ever use
