@@ -15,6 +15,12 @@ def models(ckpt):
     return load_ours(ckpt), load_theirs(ckpt)
 
 
+@pytest.fixture(scope="module")
+def ours25(ckpt25):
+    """One architecture is enough for the attention backends (the kernels do not depend on it)."""
+    return load_ours(ckpt25)
+
+
 def cases(cfg):
     return [prompt(cfg, 1, [13]),                                          # text only
             prompt(cfg, 2, [5, 3, 4], [[1, 4, 6], [1, 6, 4]]),             # two images
@@ -44,8 +50,8 @@ def test_greedy_matches_transformers_generate(models, engine_kw):
 
 
 @pytest.mark.parametrize("cascade", [True, False])
-def test_triton_backend_in_engine_matches_torch_backend(models, cascade):
-    ours, _ = models
+def test_triton_backend_in_engine_matches_torch_backend(ours25, cascade):
+    ours = ours25
     prompts = cases(ours.config)[:2]
     params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
               SamplingParams(n=3, max_tokens=6, ignore_eos=True, seed=1)]  # 3 samples share the prompt
@@ -58,7 +64,7 @@ def test_triton_backend_in_engine_matches_torch_backend(models, cascade):
             torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-4, rtol=0)
 
 
-def test_cuda_graph_static_buffers_give_the_same_tokens(models, monkeypatch):
+def test_cuda_graph_static_buffers_give_the_same_tokens(ours25, monkeypatch):
     """The CUDA-graph decode path with each replay replaced by a plain call of the captured
     function (CPU): static buffers, bucket padding and the cascade's static groups are exercised."""
     from rlpt_fast.rollout import cuda_graphs
@@ -68,7 +74,7 @@ def test_cuda_graph_static_buffers_give_the_same_tokens(models, monkeypatch):
             self.graphs[b] = type("Replay", (), {"replay": lambda _, b=b: self.outputs.__setitem__(b, self._forward(b))})()
 
     monkeypatch.setattr(cuda_graphs.DecodeGraphs, "capture", fake_capture)
-    ours, _ = models
+    ours = ours25
     prompts = cases(ours.config)[:3]
     params = [SamplingParams(n=3, max_tokens=6, ignore_eos=True, seed=2), SamplingParams(temperature=0, max_tokens=5),
               SamplingParams(n=2, max_tokens=7, ignore_eos=True, seed=3)]

@@ -1,0 +1,55 @@
+"""The GPU path end to end (skipped without CUDA): Triton kernels, cascade decode and CUDA graphs
+give the tokens of the torch path; the cache is sized from free memory."""
+import pytest
+import torch
+
+from rlpt_fast.rollout import Engine, Request, SamplingParams
+from rollout_helpers import prompt
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def gpu_model(ckpt25):
+    from rlpt_fast import load_model
+
+    return load_model(ckpt25, dtype=torch.float32, device="cuda")
+
+
+def test_graphs_and_triton_match_torch_path_fp32(gpu_model):
+    cfg = gpu_model.config
+    reqs = [Request(*prompt(cfg, 1, [13])), Request(*prompt(cfg, 2, [5, 3, 4], [[1, 4, 6], [1, 6, 4]]))]
+    params = [SamplingParams(temperature=0, max_tokens=12), SamplingParams(n=8, max_tokens=12, seed=4, ignore_eos=True)]
+    kw = dict(num_blocks=256, block_size=16, max_num_seqs=16, max_model_len=256)
+    ref = Engine(gpu_model, attention_backend="torch", cuda_graphs=False, **kw).generate(reqs, params)
+    fast = Engine(gpu_model, **kw)
+    assert fast.runner.graphs is not None and fast.runner.backend.name == "triton"
+    got = fast.generate(reqs, params)
+    assert [[c.token_ids for c in o] for o in got] == [[c.token_ids for c in o] for o in ref]
+    for a, b in zip(got, ref):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-3, rtol=0)
+
+
+def test_in_place_update_seen_by_captured_graphs(gpu_model):
+    cfg = gpu_model.config
+    req = [Request(*prompt(cfg, 3, [9]))]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    engine = Engine(gpu_model, num_blocks=64, max_num_seqs=8, max_model_len=128)
+    before = engine.generate(req, params)[0][0].token_ids
+    saved = gpu_model.lm_head.weight.detach().clone()
+    with torch.no_grad():
+        gpu_model.lm_head.weight[7] += 50 * gpu_model.lm_head.weight[7].sign()
+    try:
+        after = engine.generate(req, params)[0][0].token_ids
+    finally:
+        with torch.no_grad():
+            gpu_model.lm_head.weight.copy_(saved)
+    assert after != before and after.count(7) >= 3
+
+
+def test_cache_sized_from_free_memory(gpu_model):
+    engine = Engine(gpu_model, gpu_memory_utilization=0.5, max_num_seqs=8, max_model_len=256)
+    free, total = torch.cuda.mem_get_info()
+    assert engine.num_blocks * engine.runner.block_bytes < 0.5 * total
+    assert engine.num_blocks >= engine.config.max_blocks_per_seq
