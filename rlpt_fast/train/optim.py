@@ -20,7 +20,7 @@ def trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
 def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimSection) -> torch.optim.AdamW:
     if not params:
         raise ValueError("build_optimizer: the model has no trainable parameters")
-    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    kwargs = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.adam_eps, "weight_decay": cfg.weight_decay}
     if cfg.fused == "false":
         return torch.optim.AdamW(params, **kwargs, foreach=True)
     try:

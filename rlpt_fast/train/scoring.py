@@ -35,7 +35,7 @@ def import_reward(spec: str) -> RewardFn:
     except (ImportError, AttributeError) as e:
         raise ValueError(f"grpo.reward_fn={spec!r}: cannot import it: {e}") from None
     if not callable(fn):
-        raise ValueError(f"grpo.reward_fn={spec!r} is not callable")
+        raise TypeError(f"grpo.reward_fn={spec!r} is not callable")
     return fn
 
 

@@ -23,7 +23,6 @@ so the engine's sampling log-probs are not used; a sampled image-pad token is a 
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 from pathlib import Path
@@ -32,11 +31,10 @@ import torch
 from rlpt_kernels import group_advantages
 
 from rlpt_fast.data import Row, load_rows
-from rlpt_fast.model import load_model
-from rlpt_fast.model.lora import LoRAConfig, apply_lora
 from rlpt_fast.prompts import PromptBuilder, row_rng
 from rlpt_fast.rollout import Engine, Request, SamplingParams
 from rlpt_fast.train import checkpoint as ckpt
+from rlpt_fast.train.build import build_models, engine_config
 from rlpt_fast.train.config import TrainConfig
 from rlpt_fast.train.loss import Rollout, packed_tokens, policy_loss, reference_logprobs
 from rlpt_fast.train.metrics import step_metrics
@@ -85,7 +83,8 @@ class Trainer:
             rows = load_rows(cfg.data.files, skip_invalid=cfg.data.skip_invalid).rows
         self.rows = rows
         seed_everything(cfg.train.seed)
-        self.model, self.ref_model = self._build_models(model)
+        self.model, self.ref_model = build_models(cfg, self.device, self.dtype, model, self.resume_from)
+        self.dtype, self.device = self.model.dtype, self.model.device
         self.sampling_overrides: dict = {}
         named = trainable(self.model)
         self.param_names = [n for n, _ in named]
@@ -93,7 +92,7 @@ class Trainer:
         self.builder = PromptBuilder(cfg.model.path)
         self.tokenizer = self.builder.tokenizer
         self.stream = PromptStream(rows, cfg.train.seed, shuffle=cfg.data.shuffle, task_mix=cfg.data.task_mix)
-        self.engine = Engine(self.model, **self._engine_config())
+        self.engine = Engine(self.model, **engine_config(cfg, self.model))
         self.optimizer = build_optimizer(self.params, cfg.optim)
         self.reward_fn = reward_fn or (import_reward(cfg.grpo.reward_fn) if cfg.grpo.reward_fn
                                        else repic_reward(cfg.grpo.reward_compat))
@@ -106,43 +105,6 @@ class Trainer:
                 self.resume_from, model=self.model, optimizer=self.optimizer,
                 param_names=self.param_names, lora=cfg.lora.enabled)
             self.stream.load_state_dict(stream_state)
-
-    # ------------------------------------------------------------------ set-up
-    def _build_models(self, given) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-        cfg = self.cfg
-        full_ft = not cfg.lora.enabled
-        path = cfg.model.path
-        if full_ft and self.resume_from is not None:
-            path = str(self.resume_from / "model")
-        model = given if given is not None else load_model(path, dtype=self.dtype, device=self.device)
-        self.dtype, self.device = model.dtype, model.device
-        model.gradient_checkpointing = (self.device.type == "cuda" if cfg.model.gradient_checkpointing is None
-                                        else cfg.model.gradient_checkpointing)
-        ref = None
-        if full_ft:
-            for name, p in model.named_parameters():
-                p.requires_grad_(".visual." not in f".{name}")
-            if cfg.grpo.beta > 0:  # no adapter to switch off: a frozen copy of the initial weights
-                ref = (copy.deepcopy(model) if given is not None else
-                       load_model(cfg.model.path, dtype=self.dtype, device=self.device))
-                ref.eval().requires_grad_(False)
-        else:
-            lc = cfg.lora
-            apply_lora(model, LoRAConfig(lc.r, lc.alpha, lc.dropout, tuple(lc.target_modules) or None))
-        return model.train(), ref
-
-    def _engine_config(self) -> dict:
-        """The [engine] table; on CUDA, unless it sizes the KV cache itself, the cache gets what one
-        step needs (prompts up to max_model_len held once, G completions each, 25% slack) instead
-        of most of the free memory, which the training forward needs."""
-        cfg, g = self.cfg, self.cfg.grpo
-        out = dict(cfg.engine)
-        if self.device.type == "cuda" and not {"num_blocks", "kv_cache_bytes", "gpu_memory_utilization"} & set(out):
-            prompts = cfg.train.prompts_per_step * cfg.train.grad_accum
-            longest_prompt = out.get("max_model_len", 4096)
-            tokens = prompts * (longest_prompt + g.num_generations * (g.max_new_tokens + 16))
-            out["kv_cache_bytes"] = int(1.25 * tokens * self.model.kv_bytes_per_token())
-        return out
 
     @property
     def total_updates(self) -> int:
