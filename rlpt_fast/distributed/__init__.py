@@ -4,6 +4,7 @@
     with fail_together(ctx):                          # one rank fails -> all stop, clearly
         mine = shard_prompts(picks, ctx.world_size, ctx.rank, micro_batches)   # whole groups
         model = shard_model(model, ctx)               # full FT: FSDP2 blocks + root
+        gather_root(model)                            # before each training/reference forward
         # (LoRA: broadcast_parameters(adapters, ctx) once, average_gradients(adapters, ctx) per update)
         with gathered_weights(model):                 # engine on full weights, released after
             outs = engine.generate(...)
@@ -20,6 +21,7 @@ from rlpt_fast.distributed.failure import RankFailedError, fail_together
 from rlpt_fast.distributed.fsdp import (
     clip_grad_norm,
     full_state_dict,
+    gather_root,
     gathered_weights,
     is_sharded,
     save_hf_model,
@@ -34,12 +36,19 @@ from rlpt_fast.distributed.sharding import (
     shard_indices,
     shard_prompts,
 )
-from rlpt_fast.distributed.state import load_sharded_state, save_sharded_state, saved_world_size
+
+
+def __getattr__(name: str):
+    # lazy: torch.distributed.checkpoint (DCP) costs about a second to import, on every run
+    if name in ("load_sharded_state", "save_sharded_state", "saved_world_size"):
+        from rlpt_fast.distributed import state
+        return getattr(state, name)
+    raise AttributeError(f"module 'rlpt_fast.distributed' has no attribute {name!r}")
 
 __all__ = [
     "DEFAULT_RULES", "DistContext", "MemoryPlan", "RankFailedError", "Rule", "all_true", "average_gradients",
     "broadcast_parameters", "check_plan", "clip_grad_norm", "fail_together", "full_state_dict",
-    "gathered_weights", "group_members", "init_distributed", "is_sharded", "load_sharded_state",
+    "gather_root", "gathered_weights", "group_members", "init_distributed", "is_sharded", "load_sharded_state",
     "measured_state", "plan_memory", "prompts_per_rank", "reduce_metrics", "save_hf_model",
     "save_sharded_state", "saved_world_size", "shard_indices", "shard_model", "shard_prompts", "shutdown",
     "sum_across",

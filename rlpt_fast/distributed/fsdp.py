@@ -6,14 +6,14 @@ and lm_head (tied or not). The frozen vision tower is left out of every group (`
 it is replicated, has no gradients or optimizer state, and, crucially, no collective in its
 forward, because ranks encode different numbers of images per step (their own prompts).
 
-Why `embed` is registered as a forward method of the root: our model is driven through
-`embed` / `forward_hidden` / `compute_logits`, never `forward`, so FSDP's hooks on the root would
-not fire. `embed` always runs first in a pass, so registering it gathers the root group in time
-and, since the root is not resharded after forward, it stays gathered for the final norm and for
-lm_head, whose weight the fused loss reads directly. `forward_hidden` is deliberately NOT
-registered: its input requires grad, and FSDP would then reduce-scatter the root's gradients as
-soon as backward reaches that input, before the embedding's own gradient arrives. Without it the
-root's gradients are reduced in FSDP's end-of-backward callback, after all of them are in.
+The root group is gathered explicitly (`gather_root`) before every training or reference
+forward, not by FSDP's hooks: our model is driven through `embed` / `forward_hidden` /
+`compute_logits`, never `forward`, and the root's weights are also read outside any of those
+(lm_head by the fused loss, embed_tokens for a sampled image-pad token). Registering a method as
+a root forward would also be wrong: FSDP reduce-scatters the root's gradients as soon as backward
+reaches a grad-requiring input of a root forward (such image-pad embeddings are one), before the
+embedding's own gradient is in, and ranks then disagree on the collective's size. Without root
+hooks the root's gradients are reduced in FSDP's end-of-backward callback, when all are in.
 
 Generation: the engine runs many forwards whose number differs by rank (data-dependent decode
 lengths), so it must not meet a collective: `gathered_weights` all-gathers every group once per
@@ -22,20 +22,25 @@ and reshards them before training.
 """
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor
 
 from rlpt_fast.distributed.context import DistContext
 
+# torch.distributed.fsdp / .tensor / .checkpoint are imported where used: together they cost
+# a few seconds of start-up that one-process runs should not pay.
+
+
+def _is_fsdp(module: nn.Module) -> bool:
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing can be sharded
+    return fsdp is not None and isinstance(module, fsdp.FSDPModule)
+
 
 def is_sharded(model: nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
+    return _is_fsdp(model)
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
@@ -50,22 +55,35 @@ def shard_model(model: nn.Module, ctx: DistContext, *, reshard_after_forward: bo
         return model
     if is_sharded(model):
         raise ValueError("shard_model: the model is already sharded")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     model.to(ctx.device)
     for block in _blocks(model):
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, ignored_params=set(model.model.visual.parameters()))
-    register_fsdp_forward_method(model, "embed")
     model._rlpt_reshard_after_forward = reshard_after_forward
-    # FSDP makes the first group to run forward the root; a block must not claim it.
+    # FSDP makes the first group to run forward its root; a block must not claim it. One root
+    # forward (embed, registered for this call only) settles it.
+    register_fsdp_forward_method(model, "embed")
     with torch.no_grad():
         model.embed(torch.zeros(1, dtype=torch.long, device=ctx.device))
+    del model.embed  # back to the plain method: no root hooks from now on (module docstring)
     model.reshard()  # register the sharded parameters again (the optimizer must hold those)
     return model
 
 
-def _fsdp_modules(model: nn.Module) -> list[FSDPModule]:
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+def gather_root(model: nn.Module | None) -> None:
+    """Gather the root group (embeddings, final norm, head) of a sharded model; call it before each
+    training or reference forward (FSDP frees it after each backward). Collective: every rank calls
+    it at the same points. A no-op when it is gathered already, or the model is not sharded."""
+    if model is not None and is_sharded(model):
+        model.unshard()
+
+
+def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if _is_fsdp(m)]
 
 
 @contextmanager
@@ -99,7 +117,7 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
     if not grads:
         return 0.0
     total = torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False)
-    if isinstance(total, DTensor):
+    if hasattr(total, "full_tensor"):  # a DTensor: each rank holds its shards' part
         total = total.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return float(total)
@@ -110,6 +128,8 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     the plain state dict otherwise. Collective when sharded: every rank calls it."""
     if not is_sharded(model):
         return {k: v.detach() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 _PARTS = ("weights", "gathered", "gradients", "optimizer", "kv_cache")
 
@@ -87,7 +86,7 @@ def plan_memory(model: nn.Module, *, world_size: int, sharded: bool, kv_cache_by
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if hasattr(t, "to_local") else t  # a DTensor's own shard
 
 
 def _local_bytes(tensors) -> int:
@@ -102,11 +101,15 @@ def _local_bytes(tensors) -> int:
 
 def measured_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                    kv_cache_bytes: int = 0) -> dict[str, int]:
-    """Bytes this rank really holds, by part (local shards of sharded tensors)."""
+    """Bytes this rank really holds, by part (local shards of sharded tensors); "gradients" only
+    while gradients exist."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     opt = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)] if optimizer else []
-    return {"weights": _local_bytes(model.parameters()), "gradients": _local_bytes(grads),
-            "optimizer": _local_bytes(opt), "kv_cache": int(kv_cache_bytes)}
+    out = {"weights": _local_bytes(model.parameters()), "optimizer": _local_bytes(opt),
+           "kv_cache": int(kv_cache_bytes)}
+    if grads:  # between updates they are freed (zero_grad(set_to_none=True)): nothing to compare
+        out["gradients"] = _local_bytes(grads)
+    return out
 
 
 def check_plan(plan: MemoryPlan, measured: dict[str, int], peak_bytes: int | None = None,

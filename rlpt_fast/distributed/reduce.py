@@ -42,7 +42,9 @@ class Rule:
 DEFAULT_RULES: tuple[tuple[str, Rule], ...] = (
     ("step", Rule("same")), ("epoch", Rule("same")), ("lr", Rule("same")), ("grad_norm", Rule("same")),
     ("nonfinite_streak", Rule("same")), ("skipped", Rule("max")),
-    ("loss", Rule("mean", "completions")), ("kl", Rule("mean", "completions")),
+    # loss: each rank reports its loss scaled as its gradient is (DataParallel.loss_factor), so
+    # the plain mean over ranks is the one-process loss for every loss_type
+    ("loss", Rule("mean")), ("kl", Rule("mean", "completions")),
     ("clip_ratio", Rule("mean", "completions")),
     ("reward_mean", Rule("mean", "completions")), ("reward_std", Rule("std", "completions", "reward_mean")),
     ("reward/*/mean", Rule("mean", "{stem}/count")), ("reward/*/std", Rule("std", "{stem}/count", "{stem}/mean")),
@@ -63,9 +65,14 @@ def rule_for(key: str, rules=DEFAULT_RULES) -> Rule:
     raise KeyError(f"no reduction rule matches metric {key!r}")
 
 
-def _all_keys(keys: list[str]) -> list[str]:
-    """Union of every rank's keys (JSON through uint8 tensors: no pickle on the wire)."""
-    data = torch.tensor(list(json.dumps(keys).encode()), dtype=torch.uint8)
+def _kind(value) -> str:
+    return "b" if isinstance(value, bool) else "i" if isinstance(value, int) else "f"
+
+
+def _all_keys(kinds: dict[str, str]) -> dict[str, str]:
+    """Union of every rank's {key: "b"|"i"|"f"} (JSON through uint8 tensors: no pickle on the
+    wire), so a key some rank lacks keeps its type; a float on any rank makes it a float."""
+    data = torch.tensor(list(json.dumps(kinds).encode()), dtype=torch.uint8)
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, torch.tensor([data.numel()]))
     longest = int(max(s.item() for s in sizes))
@@ -73,10 +80,11 @@ def _all_keys(keys: list[str]) -> list[str]:
     padded[:data.numel()] = data
     parts = [torch.zeros(longest, dtype=torch.uint8) for _ in sizes]
     dist.all_gather(parts, padded)
-    union: set[str] = set()
+    union: dict[str, str] = {}
     for part, size in zip(parts, sizes):
-        union.update(json.loads(bytes(part[:int(size.item())].tolist())))
-    return sorted(union)
+        for key, kind in json.loads(bytes(part[:int(size.item())].tolist())).items():
+            union[key] = kind if union.get(key, kind) == kind else "f"
+    return dict(sorted(union.items()))
 
 
 def _lookup(name: str, key: str, metrics: dict, counts: dict) -> float:
@@ -119,13 +127,14 @@ def _decode(rule: Rule, s: list[float], m: list[float]) -> float:
 
 def reduce_metrics(ctx: DistContext, metrics: dict, counts: dict | None = None, rules=DEFAULT_RULES) -> dict:
     """The metrics over all ranks (every rank gets the result). counts: extra weights of this rank,
-    e.g. {"completions": 16, "groups": 2}. bool and int values keep their type. Alone: a copy."""
+    e.g. {"completions": 16, "groups": 2}. bool and int values keep their type (an int mean
+    that is not whole becomes a float). Alone: a copy."""
     if not ctx.distributed:
         return dict(metrics)
     counts = counts or {}
-    keys = _all_keys(sorted(metrics))
+    kinds = _all_keys({k: _kind(v) for k, v in metrics.items()})
     plan, sums, maxes = [], [], []
-    for key in keys:
+    for key in kinds:
         rule = rule_for(key, rules)
         s, m = _encode(key, rule, metrics, counts)
         plan.append((key, rule, len(sums), len(s), len(maxes), len(m)))
@@ -139,10 +148,9 @@ def reduce_metrics(ctx: DistContext, metrics: dict, counts: dict | None = None, 
     out = {}
     for key, rule, si, sn, mi, mn in plan:
         value = _decode(rule, s_l[si:si + sn], m_l[mi:mi + mn])
-        local = metrics.get(key)
-        if isinstance(local, bool):
+        if kinds[key] == "b":
             value = bool(value)
-        elif isinstance(local, int) and float(value).is_integer():
+        elif kinds[key] == "i" and float(value).is_integer():
             value = int(value)
         out[key] = value
     return out

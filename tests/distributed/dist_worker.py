@@ -24,6 +24,7 @@ from rlpt_fast.distributed import (
     clip_grad_norm,
     fail_together,
     full_state_dict,
+    gather_root,
     gathered_weights,
     init_distributed,
     load_sharded_state,
@@ -101,6 +102,7 @@ def train_step(model, params, opt, mine, ctx: DistContext, lora: bool) -> dict:
     per_mb = len(mine) // MICRO_BATCHES
     total = 0.0
     for i in range(MICRO_BATCHES):
+        gather_root(model)  # FSDP freed the root group after the last backward
         loss = loss_of(model, mine[i * per_mb:(i + 1) * per_mb]) / MICRO_BATCHES
         loss.backward()
         total += loss.item()
