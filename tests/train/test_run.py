@@ -37,3 +37,28 @@ def test_out_of_kv_blocks_preempts_and_keeps_every_sequence(make_config):
     assert m["preemptions"] > 0
     assert all(r.lengths == [8] * 4 for r in tr.last_rollouts)
     assert m["completion_length_min"] == 8 and not m["skipped"]
+
+
+def test_monitor_sends_numeric_metrics_to_tensorboard_when_installed(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from rlpt_fast.train.monitor import Monitor
+
+    calls = []
+
+    class Writer:
+        def __init__(self, logdir):
+            calls.append(("dir", logdir))
+
+        def add_scalar(self, key, value, step):
+            calls.append((key, value, step))
+
+        def close(self):
+            calls.append(("closed",))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    mon = Monitor(tmp_path, 1, progress=False, tensorboard=True, plots=False)
+    mon.log({"step": 1, "reward_mean": 0.5, "kl": float("nan"), "skipped": False, "reward/iou/mean": 1.0})
+    mon.close()
+    assert calls == [("dir", str(tmp_path / "tensorboard")), ("step", 1, 1), ("reward_mean", 0.5, 1),
+                     ("reward/iou/mean", 1.0, 1), ("closed",)]
