@@ -145,7 +145,9 @@ class Trainer:
 
     def _rollout(self, picks: list[tuple[int, int]]) -> list[Rollout]:
         cfg, g = self.cfg, self.cfg.grpo
-        self.model.clear_image_cache()  # embeddings live for this step only (bounded memory)
+        # embeddings live for this step only: bounded memory, and a resumed run encodes the same
+        # batches of images as an uninterrupted one (bitwise-equal embeddings)
+        self.model.clear_image_cache()
         prompts, embeds = [], []
         for epoch, idx in picks:
             p = self.builder.training_prompt(self.rows[idx], row_rng(cfg.train.seed, epoch, idx))
