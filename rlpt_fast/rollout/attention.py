@@ -63,7 +63,7 @@ def paged_attention(kv_cache: torch.Tensor, backend: Backend, meta: DecodeMeta |
             return backend.decode_attention(q.contiguous(), k_cache, v_cache, meta.block_tables, meta.context_lens,
                                             scale, meta.num_splits, meta.max_context)
         if meta.cascade is not None:
-            return cascade_decode_attention(q, k_cache, v_cache, meta.cascade, scale, gathered, layer_idx)
+            return cascade_decode_attention(q, k_cache, v_cache, meta.cascade, scale, gathered, layer_idx, (k, v))
         if not gathered:
             gathered["all"] = dec.context_slots(meta.block_tables, meta.context_lens, k_cache.shape[1])
         return dec.attend_slots(q, k_cache, v_cache, *gathered["all"], scale)

@@ -107,10 +107,13 @@ def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tens
 
 def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                              meta: CascadeMeta, scale: float, gathered: dict | None = None,
-                             layer: int | None = None) -> torch.Tensor:
+                             layer: int | None = None, new_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+                             ) -> torch.Tensor:
     """q (B, Hq, D); caches (num_blocks, block_size, Hkv, D) -> (B, Hq, D), computed in float32.
     gathered: a dict reused across layers to hold the slot indices (computed once per step);
-    layer: key under which the gathered prefix K/V is kept in meta.prefix_kv across steps."""
+    layer: key under which gathered K/V are kept in meta.prefix_kv across the steps of one grouping:
+    the prefix as is, and a dense copy of each row's suffix that new_kv (this step's k, v: (B, Hkv,
+    D), already stored in the cache) extends by one token per step, so a step gathers nothing."""
     b, hq, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
     grp = hq // hkv
@@ -122,6 +125,7 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
             bias = None if bool(valid.all()) else torch.zeros(valid.shape, device=q.device).masked_fill_(
                 ~valid, float("-inf"))[:, None, None, :]
             gathered[part] = slots, bias
+        gathered["suffix_pos"] = torch.arange(b, device=q.device), meta.suffix_lens - 1
     kv = lambda cache, slots: gather_slots(cache, slots).transpose(1, 2).float()  # noqa: E731  (X, Hkv, T, D)
     qf = q.float()
     # shared prefixes: all member queries of a group against the group's blocks, once
@@ -142,7 +146,17 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     lse_p = torch.cat([lse_p, lse_p.new_full((1, hq), float("-inf"))])[meta.row_member]
     # each row's own remainder
     slots, bias = gathered["suffix"]
-    o_s, lse_s = _partial(qf.view(b, hkv, grp, d), kv(k_cache, slots), kv(v_cache, slots), bias, scale)
+    key = ("suffix", layer)
+    if layer is None or new_kv is None:
+        ks, vs = kv(k_cache, slots), kv(v_cache, slots)
+    elif key not in meta.prefix_kv:  # the gather includes this step's token (stored before attention)
+        ks, vs = meta.prefix_kv[key] = kv(k_cache, slots).contiguous(), kv(v_cache, slots).contiguous()
+    else:  # the table is unchanged, so every row's new token falls inside the copy's width
+        ks, vs = meta.prefix_kv[key]
+        rows, pos = gathered["suffix_pos"]
+        ks[rows, :, pos] = new_kv[0].float()
+        vs[rows, :, pos] = new_kv[1].float()
+    o_s, lse_s = _partial(qf.view(b, hkv, grp, d), ks, vs, bias, scale)
     o_s, lse_s = o_s.reshape(b, hq, d), lse_s.reshape(b, hq)
     mx = torch.maximum(lse_p, lse_s)
     w_p, w_s = (lse_p - mx).exp(), (lse_s - mx).exp()                              # lse_s is finite

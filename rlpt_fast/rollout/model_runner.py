@@ -117,6 +117,7 @@ class ModelRunner:
         return seq.block_table[pos // bs] * bs + pos % bs
 
     def _prefill(self, batch: Batch) -> torch.Tensor | None:
+        self._tables_host = []  # the next decode rebuilds its grouping (and the copies it keeps)
         ids, pos, slots, ctx_slots, image_rows, cu, last_rows = [], [], [], [], [], [0], []
         for seq, chunk, k in zip(batch.seqs, batch.chunk_lens, batch.num_samples):
             st = self.requests[seq.request_index]

@@ -190,3 +190,29 @@ def test_triton_cascade_decode_matches_reference(hq, hkv, splits, prefix_splits,
     want = decode_attention_reference(q, k_cache, v_cache, bt, ctx, d ** -0.5)
     got = cascade_decode_attention_triton(q, k_cache, v_cache, bt, ctx, groups, d ** -0.5, splits, width * bs)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_cascade_dense_suffix_copy_follows_new_tokens():
+    """Across steps of one grouping, the kept suffix copy extended by each step's k/v gives what a
+    fresh gather from the cache gives."""
+    from rlpt_fast.rollout.cascade_attention import build_cascade, cascade_decode_attention
+
+    gen = torch.Generator().manual_seed(6)
+    k_cache = torch.randn(20, 4, 2, 16, generator=gen)
+    v_cache = torch.randn(20, 4, 2, 16, generator=gen)
+    tables = [[0, 1, 5, 6], [0, 1, 7, 8], [2, 3]]
+    meta = build_cascade(tables, [13, 13, 6], 4, "cpu")
+    lens = [13, 13, 6]
+    for step in range(3):
+        q = torch.randn(3, 4, 16, generator=gen)
+        k_new = torch.randn(3, 2, 16, generator=gen)
+        v_new = torch.randn(3, 2, 16, generator=gen)
+        for r, n in enumerate(lens):  # store this step's token, as store_kv does before attention
+            blk, off = tables[r][(n - 1) // 4], (n - 1) % 4
+            k_cache[blk, off], v_cache[blk, off] = k_new[r], v_new[r]
+        kept = meta if step == 0 else meta.with_lens(lens)
+        got = cascade_decode_attention(q, k_cache, v_cache, kept, 0.25, {}, 0, (k_new, v_new))
+        fresh = cascade_decode_attention(q, k_cache, v_cache, build_cascade(tables, lens, 4, "cpu"), 0.25)
+        torch.testing.assert_close(got, fresh)
+        meta = kept
+        lens = [n + 1 for n in lens]
