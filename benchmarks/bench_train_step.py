@@ -164,7 +164,17 @@ def model_card(kind: str, ckpt: Path, world: World, args, model) -> dict:
             "prompt_tokens": f"mean {statistics.fmean(p.input_ids.numel() for p in prompts):.0f} (image tokens "
                              f"{statistics.fmean(int((p.input_ids == image_id).sum()) for p in prompts):.0f}), "
                              f"{statistics.fmean(p.input_ids.numel() for p in prompts) / args.new_tokens:.1f}x N",
+            "forward_tokens": _forward_tokens(prompts, args),
             "threads": torch.get_num_threads()}
+
+
+def _forward_tokens(prompts, args) -> str:
+    """Tokens one training (or reference) forward processes per step: ours packs each group's
+    prompt once; TRL runs B*G rows of prompt + completion."""
+    b, g, n = len(prompts[:args.prompts]), args.group, args.new_tokens
+    p = sum(x.input_ids.numel() for x in prompts[:args.prompts])
+    ours, theirs = p + b * g * (n - 1), g * p + b * g * n
+    return f"ours {ours} (packed), TRL {theirs} ({theirs / ours:.1f}x)"
 
 
 # ------------------------------------------------------------------------------------------ ours
