@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Report, measure_ceilings  # noqa: E402
+from common import Report, measure_ceilings
 
 QWEN25_VL_3B = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                     num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6,
@@ -121,7 +121,7 @@ def run_engine(model, prompts, args, device):
     model.clear_image_cache()
     for key in engine.stats:
         engine.stats[key] = 0
-    run = lambda: engine.generate(requests, params)  # noqa: E731
+    run = lambda: engine.generate(requests, params)
     wall, peak, outs = timed(run, device)
     assert all(len(c.token_ids) == n for o in outs for c in o)
     s = engine.stats
@@ -138,7 +138,7 @@ def run_hf(model, prompts, args, device):
                   top_p=1.0, num_return_sequences=args.group)
     if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
         kwargs["mm_token_type_ids"] = (ids == model.config.image_token_id).int()
-    gen = lambda k: model.generate(**kwargs, max_new_tokens=k, min_new_tokens=k)  # noqa: E731  (EOS suppressed)
+    gen = lambda k: model.generate(**kwargs, max_new_tokens=k, min_new_tokens=k)
     with torch.no_grad():
         gen(2)  # warm-up
         wall, peak, out = timed(lambda: gen(args.new_tokens), device)

@@ -11,8 +11,12 @@ import torch
 from rlpt_fast.model.attention import AttentionFn
 from rlpt_fast.rollout import decode_attention as dec
 from rlpt_fast.rollout import kv_store
-from rlpt_fast.rollout.cascade_attention import (CascadeMeta, PrefixGroups, cascade_decode_attention,
-                                                 cascade_decode_attention_triton)
+from rlpt_fast.rollout.cascade_attention import (
+    CascadeMeta,
+    PrefixGroups,
+    cascade_decode_attention,
+    cascade_decode_attention_triton,
+)
 from rlpt_fast.rollout.prefill_attention import PrefillMeta, prefill_attention
 
 

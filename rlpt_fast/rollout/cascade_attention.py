@@ -21,8 +21,14 @@ import torch
 import triton
 import triton.language as tl
 
-from rlpt_fast.rollout.decode_attention import (_attend, choose_num_splits, combine_partials, context_slots,
-                                                decode_partials, gather_slots)
+from rlpt_fast.rollout.decode_attention import (
+    _attend,
+    choose_num_splits,
+    combine_partials,
+    context_slots,
+    decode_partials,
+    gather_slots,
+)
 
 
 @dataclass
@@ -46,7 +52,7 @@ class CascadeMeta:
     # blocks are never written: copy-on-write), shared by the with_lens copies
     prefix_kv: dict = field(default_factory=dict)
 
-    def with_lens(self, lens: list[int]) -> "CascadeMeta":
+    def with_lens(self, lens: list[int]) -> CascadeMeta:
         """The same grouping for the next step of the same rows (block tables unchanged): contexts
         only grow, so the shared prefixes stay valid; only the suffix lengths move."""
         suffix = torch.tensor([n - s for n, s in zip(lens, self.suffix_start)])
@@ -81,10 +87,10 @@ def build_cascade(tables: list[list[int]], lens: list[int], block_size: int, dev
         members.append(rows + [b] * (m - len(rows)))
         for j, r in enumerate(rows):
             skip[r], row_member[r] = n, g * m + j
-    pad = lambda ts: [t + [0] * (max(map(len, ts)) - len(t)) for t in ts]  # noqa: E731
+    pad = lambda ts: [t + [0] * (max(map(len, ts)) - len(t)) for t in ts]
     prefix = pad([tables[rows[0]][:n] for rows, n in shared])
     suffix = pad([t[s:] for t, s in zip(tables, skip)])
-    as_t = lambda x: torch.tensor(x, dtype=torch.long).to(device, non_blocking=True)  # noqa: E731
+    as_t = lambda x: torch.tensor(x, dtype=torch.long).to(device, non_blocking=True)
     start = [s * block_size for s in skip]
     return CascadeMeta(as_t(prefix), as_t([n * block_size for _, n in shared]), as_t(members), as_t(suffix),
                        as_t([n - s for n, s in zip(lens, start)]), as_t(row_member), start,
@@ -126,7 +132,7 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
                 ~valid, float("-inf"))[:, None, None, :]
             gathered[part] = slots, bias
         gathered["suffix_pos"] = torch.arange(b, device=q.device), meta.suffix_lens - 1
-    kv = lambda cache, slots: gather_slots(cache, slots).transpose(1, 2).float()  # noqa: E731  (X, Hkv, T, D)
+    kv = lambda cache, slots: gather_slots(cache, slots).transpose(1, 2).float()  # (X, Hkv, T, D)
     qf = q.float()
     # shared prefixes: all member queries of a group against the group's blocks, once
     ng, m = meta.members.shape

@@ -29,7 +29,7 @@ def count_blocks(model: torch.nn.Module, config: EngineConfig, block_bytes: int)
 @torch.no_grad()
 def blocks_from_free_memory(model: torch.nn.Module, config: EngineConfig, block_bytes: int) -> int:
     """Run the largest prefill and sampling once, then give the cache what is left."""
-    from rlpt_fast.model.attention import causal_attention  # noqa: PLC0415
+    from rlpt_fast.model.attention import causal_attention
 
     dev = model.device
     torch.cuda.empty_cache()

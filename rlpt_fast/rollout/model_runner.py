@@ -6,8 +6,9 @@ Per step it builds (on the host, from Python lists, then one copy each to the de
            token t past the prompt sits at t + delta on all axes), the cache slot of every new
            token, each sequence's context slots, and the image embeddings of the chunk's image
            tokens (each request's images are encoded once per generate call);
-  decode:  the last token of each sequence, its position, its slot, the block tables and the
-           context lengths, replayed through a CUDA graph on the GPU.
+  decode:  the last token of each sequence, its position, its slot, the block tables (rebuilt
+           only when they change), the context lengths and the grouping of rows that share
+           prompt blocks (cascade decode); replayed through a CUDA graph on the GPU.
 The model's parameters are used as they are (LoRA included): nothing is copied, so the next step
 after an optimizer step sees the new weights.
 """
@@ -27,6 +28,7 @@ from rlpt_fast.rollout.prefill_attention import PrefillMeta
 from rlpt_fast.rollout.sampler import SamplingTensors, sample
 from rlpt_fast.rollout.scheduler import Batch
 from rlpt_fast.rollout.sequence import Sequence
+
 
 @dataclass
 class RequestState:
@@ -59,7 +61,7 @@ class ModelRunner:
                                     self.head_dim, dtype=self.dtype, device=self.device)
         self.graphs = None
         if config.cuda_graphs if config.cuda_graphs is not None else self.on_cuda:
-            from rlpt_fast.rollout.cuda_graphs import DecodeGraphs  # noqa: PLC0415 (GPU only)
+            from rlpt_fast.rollout.cuda_graphs import DecodeGraphs
             self.graphs = DecodeGraphs(self)
 
     @property

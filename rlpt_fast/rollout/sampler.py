@@ -34,7 +34,7 @@ class SamplingTensors:
     filtered: bool
 
     @classmethod
-    def from_rows(cls, rows: list[tuple[float, int, float, int, int, int]], device) -> "SamplingTensors":
+    def from_rows(cls, rows: list[tuple[float, int, float, int, int, int]], device) -> SamplingTensors:
         """rows: (temperature, top_k, top_p, seed, sample_index, position) per row."""
         cols = list(zip(*rows))
         u = uniform(np.array(cols[3], dtype=np.uint64), np.array(cols[4], dtype=np.uint64),

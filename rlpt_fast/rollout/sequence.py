@@ -92,7 +92,7 @@ class Sequence:
         self.token_ids.append(token)
         self.logprobs.append(logprob)
 
-    def fork(self, sample_index: int) -> "Sequence":
+    def fork(self, sample_index: int) -> Sequence:
         """A child that shares nothing mutable with this sequence (blocks are the block manager's)."""
         return Sequence(list(self.token_ids), self.num_prompt_tokens, self.stop, self.request_index,
                         sample_index, 1, self.image_spans, status=self.status,

@@ -4,7 +4,8 @@ prefix-cache behaviour spelled out case by case."""
 from collections import Counter
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rlpt_fast.rollout.block_manager import BlockManager
 from rlpt_fast.rollout.sequence import ImageSpan, Sequence, StopRule

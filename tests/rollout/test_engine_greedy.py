@@ -3,9 +3,9 @@ text-only and multi-image prompts, a batch of prompts of different lengths, chun
 cache so small that sequences are preempted and recomputed."""
 import pytest
 import torch
+from rollout_helpers import hf_greedy, load_ours, load_theirs, prompt
 
 from rlpt_fast.rollout import Engine, Request, SamplingParams
-from rollout_helpers import hf_greedy, load_ours, load_theirs, prompt
 
 NEW = 10
 

@@ -3,10 +3,10 @@ recomputed ones, seeded reproducibility through batching and preemption, stop ru
 engine following in-place weight updates (LoRA included)."""
 import pytest
 import torch
+from rollout_helpers import load_ours, naive_greedy, prompt, recomputed_logprobs
 
 from rlpt_fast.model.lora import LoRAConfig, apply_lora, lora_layers
 from rlpt_fast.rollout import Engine, Request, SamplingParams
-from rollout_helpers import load_ours, naive_greedy, prompt, recomputed_logprobs
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,9 @@
 give the tokens of the torch path; the cache is sized from free memory."""
 import pytest
 import torch
+from rollout_helpers import prompt
 
 from rlpt_fast.rollout import Engine, Request, SamplingParams
-from rollout_helpers import prompt
 
 pytestmark = pytest.mark.gpu
 
@@ -52,6 +52,6 @@ def test_in_place_update_seen_by_captured_graphs(gpu_model):
 
 def test_cache_sized_from_free_memory(gpu_model):
     engine = Engine(gpu_model, gpu_memory_utilization=0.5, max_num_seqs=8, max_model_len=256)
-    free, total = torch.cuda.mem_get_info()
+    _, total = torch.cuda.mem_get_info()
     assert engine.num_blocks * engine.runner.block_bytes < 0.5 * total
     assert engine.num_blocks >= engine.config.max_blocks_per_seq

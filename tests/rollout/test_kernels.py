@@ -3,8 +3,11 @@ references, and both against a dense float64 computation of attention from the r
 import pytest
 import torch
 
-from rlpt_fast.rollout.decode_attention import (choose_num_splits, decode_attention,
-                                                decode_attention_reference)
+from rlpt_fast.rollout.decode_attention import (
+    choose_num_splits,
+    decode_attention,
+    decode_attention_reference,
+)
 from rlpt_fast.rollout.kv_store import store_kv, store_kv_reference
 from rlpt_fast.rollout.prefill_attention import PrefillMeta, prefill_attention
 
@@ -165,8 +168,12 @@ def test_cascade_grouping_carries_over_to_the_next_step():
 
 @pytest.mark.parametrize("hq,hkv,splits,prefix_splits", [(4, 2, 1, 1), (6, 2, 2, 3), (8, 1, 3, 2)])
 def test_triton_cascade_decode_matches_reference(hq, hkv, splits, prefix_splits, device):
-    from rlpt_fast.rollout.cascade_attention import (PrefixGroups, build_cascade, cascade_decode_attention_triton,
-                                                     prefix_groups)
+    from rlpt_fast.rollout.cascade_attention import (
+        PrefixGroups,
+        build_cascade,
+        cascade_decode_attention_triton,
+        prefix_groups,
+    )
 
     gen = torch.Generator().manual_seed(hq + splits)
     bs, d = 4, 16
