@@ -65,13 +65,17 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={raw!r} is not an integer (torchrun sets it)") from None
 
 
-def _device_for(requested: str, local_rank: int) -> torch.device:
+def _device_for(requested: str, local_rank: int, world: int) -> torch.device:
+    """Alone: the requested device as given. Under torchrun: GPU LOCAL_RANK (an index in
+    `requested` is ignored: each rank owns its own GPU), made the current device."""
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(requested)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"device {requested!r} asked for, but no CUDA device is available")
+        if world == 1:
+            return device
         if local_rank >= torch.cuda.device_count():
             raise RuntimeError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPUs: "
                                "give torchrun --nproc_per_node at most the GPU count")
@@ -91,7 +95,7 @@ def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S)
         raise ValueError(f"init_distributed: timeout_s must be > 0, got {timeout_s}")
     world = _env_int("WORLD_SIZE", 1)
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
-    dev = _device_for(device, local_rank)
+    dev = _device_for(device, local_rank, world)
     if world == 1:
         return DistContext(device=dev, timeout_s=timeout_s)
     missing = [k for k in _ENV if k not in os.environ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager, suppress
 
@@ -82,7 +83,8 @@ def fail_together(ctx: DistContext):
     if not ctx.distributed:
         yield
         return
-    old = signal.signal(signal.SIGTERM, _on_sigterm)
+    main_thread = threading.current_thread() is threading.main_thread()  # signals: main thread only
+    old = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         yield
     except BaseException as e:
@@ -103,4 +105,5 @@ def fail_together(ctx: DistContext):
             dist.destroy_process_group()  # close connections: blocked peers fail now, not at the timeout
         raise
     finally:
-        signal.signal(signal.SIGTERM, old)
+        if main_thread:
+            signal.signal(signal.SIGTERM, old)
