@@ -17,21 +17,21 @@ from rlpt_fast.rollout.sampler import SamplingTensors, sample
 CPU_KV_CACHE_BYTES = 256 << 20
 
 
-def count_blocks(model: torch.nn.Module, config: EngineConfig, block_bytes: int) -> int:
+def count_blocks(model: torch.nn.Module, config: EngineConfig, block_bytes: int, device: torch.device) -> int:
     if config.num_blocks is not None:
         return config.num_blocks
-    if model.device.type == "cuda" and config.kv_cache_bytes is None:
-        return blocks_from_free_memory(model, config, block_bytes)
+    if device.type == "cuda" and config.kv_cache_bytes is None:
+        return blocks_from_free_memory(model, config, block_bytes, device)
     useful = config.max_num_seqs * config.max_blocks_per_seq + 1
     return max(1, min(useful, (config.kv_cache_bytes or CPU_KV_CACHE_BYTES) // block_bytes))
 
 
 @torch.no_grad()
-def blocks_from_free_memory(model: torch.nn.Module, config: EngineConfig, block_bytes: int) -> int:
+def blocks_from_free_memory(model: torch.nn.Module, config: EngineConfig, block_bytes: int,
+                            dev: torch.device) -> int:
     """Run the largest prefill and sampling once, then give the cache what is left."""
     from rlpt_fast.model.attention import causal_attention
 
-    dev = model.device
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(dev)
     n = min(config.max_num_batched_tokens, config.max_model_len)

@@ -47,7 +47,9 @@ class ModelRunner:
         mc = model.config
         self.num_layers, self.num_kv_heads, self.head_dim = mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim
         self.image_token_id = mc.image_token_id
-        self.device, self.dtype = model.device, model.dtype
+        # the decoder's own device/dtype (the contract's module tree; a vision tower may differ)
+        embed = model.model.language_model.embed_tokens.weight
+        self.device, self.dtype = embed.device, embed.dtype
         self.backend = choose_backend(self.device, config.attention_backend)
         self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.on_cuda else 1
         self.requests: dict[int, RequestState] = {}
@@ -56,7 +58,7 @@ class ModelRunner:
         self._tables_changed = True
         self._cascade = None  # the shared-prefix grouping, rebuilt when block tables change
         self._groups = None   # its Triton form
-        self.num_blocks = count_blocks(model, config, self.block_bytes)
+        self.num_blocks = count_blocks(model, config, self.block_bytes, self.device)
         self.kv_cache = torch.zeros(2, self.num_layers, self.num_blocks, config.block_size, self.num_kv_heads,
                                     self.head_dim, dtype=self.dtype, device=self.device)
         self.graphs = None
