@@ -25,13 +25,16 @@ _M32 = np.uint64(0xFFFFFFFF)
 @dataclass
 class SamplingTensors:
     """Per row (R,): temperature f32 (0 = greedy), top_k int64 (0 = off), top_p f32 (1 = off),
-    u f32: the row's uniform in (0, 1) (see `uniform`). `filtered` (host bool): some sampled row
-    uses top-k or top-p, so the batch needs a sort."""
+    u f32: the row's uniform in (0, 1) (see `uniform`). Host bools: `filtered`, some sampled row
+    uses top-k or top-p (the batch needs a sort); `greedy` / `sampled`, some row is / is not greedy
+    (so an all-greedy or all-sampled batch skips the other path)."""
     temperature: torch.Tensor
     top_k: torch.Tensor
     top_p: torch.Tensor
     u: torch.Tensor
     filtered: bool
+    greedy: bool = True
+    sampled: bool = True
 
     @classmethod
     def from_rows(cls, rows: list[tuple[float, int, float, int, int, int]], device) -> SamplingTensors:
@@ -43,7 +46,8 @@ class SamplingTensors:
         floats = floats.to(device, non_blocking=True)                              # (3, R)
         top_k = torch.tensor(cols[1], dtype=torch.int64).to(device, non_blocking=True)
         filtered = any(t > 0 and (k > 0 or p < 1.0) for t, k, p, *_ in rows)
-        return cls(floats[0], top_k, floats[1], floats[2], filtered)
+        greedy = any(t == 0 for t in cols[0])
+        return cls(floats[0], top_k, floats[1], floats[2], filtered, greedy, not all(t == 0 for t in cols[0]))
 
 
 def _mix32(x: np.ndarray) -> np.ndarray:
@@ -87,6 +91,9 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, tor
     if st.filtered:
         scaled = filter_logits(scaled, torch.where(greedy, 0, st.top_k), torch.where(greedy, 1.0, st.top_p))
     logp = scaled.log_softmax(-1)                                                    # (R, V)
+    if not st.sampled:
+        tokens = logits.argmax(-1)
+        return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
     cdf = logp.exp().cumsum(-1)
     total = cdf[:, -1:]
     u = st.u[:, None]
@@ -94,5 +101,5 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, tor
     # token can never be picked.
     x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
     drawn = torch.searchsorted(cdf, x, right=True).squeeze(1).clamp(max=logits.shape[1] - 1)
-    tokens = torch.where(greedy, logits.argmax(-1), drawn)
+    tokens = torch.where(greedy, logits.argmax(-1), drawn) if st.greedy else drawn
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1)

@@ -91,3 +91,13 @@ def test_filter_keeps_ties_and_at_least_one_token():
     scaled = torch.tensor([[1.0, 3.0, 3.0, 0.0], [5.0, 0.0, -1.0, -2.0]])
     out = filter_logits(scaled, torch.tensor([1, 0]), torch.tensor([1.0, 0.01]))
     assert torch.isinf(out).tolist() == [[True, False, False, True], [False, True, True, True]]
+
+
+def test_mixed_greedy_and_sampled_rows_match_their_own_batches():
+    logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(2))
+    rows = [(0.0, 0, 1.0, 9, 0, 5), (0.9, 4, 1.0, 9, 1, 5), (0.0, 0, 1.0, 9, 2, 5), (1.1, 0, 0.8, 9, 3, 5)]
+    tok, lp = sample(logits, SamplingTensors.from_rows(rows, "cpu"))
+    g_tok, g_lp = sample(logits[[0, 2]], SamplingTensors.from_rows([rows[0], rows[2]], "cpu"))
+    s_tok, s_lp = sample(logits[[1, 3]], SamplingTensors.from_rows([rows[1], rows[3]], "cpu"))
+    assert tok.tolist() == [g_tok[0], s_tok[0], g_tok[1], s_tok[1]]
+    torch.testing.assert_close(lp, torch.stack([g_lp[0], s_lp[0], g_lp[1], s_lp[1]]))
