@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                        "RePIC's name precision/recall/F1 of personalized caption files"),
     "train": ("rlpt_fast.train.cli", "GRPO post-training from a TOML config (RePIC's recipe by default)"),
     "caption": ("rlpt_fast.caption", "personalized captions of a query set (skip-retrieval, greedy)"),
+    "demo": ("rlpt_fast.demo.command", "the embedded default: GRPO on a tiny VLM in a synthetic world (CPU, no downloads)"),
 }
 
 
