@@ -1,8 +1,8 @@
-"""The engine against a model that implements only the model contract (mock_model.py): greedy
+"""The engine against a model that implements only the model contract (rollout_mock_model.py): greedy
 decoding equals recomputing the dense logits at every step, with images (a negative M-RoPE delta),
 a cache small enough to preempt, and forked samples whose log-probs match recomputation."""
 import torch
-from mock_model import MockModel
+from rollout_mock_model import MockModel
 from rollout_helpers import naive_greedy, recomputed_logprobs
 
 from rlpt_fast.rollout import Engine, Request, SamplingParams
