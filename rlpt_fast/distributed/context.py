@@ -14,7 +14,9 @@ and the few small CPU tensors (metric sums, failure flags) through gloo. Every c
 """
 from __future__ import annotations
 
+import gc
 import os
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -112,6 +114,14 @@ def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S)
 
 
 def shutdown(ctx: DistContext) -> None:
-    """Leave the process group (end of a run). Safe to call twice or without a group."""
+    """Leave the process group (end of a run). Safe to call twice or without a group. Ranks
+    leave together: one tearing its connections down while a peer still uses them can abort
+    that peer in gloo's C++ (seen as "terminate called without an active exception"). Drop the
+    references to sharded models before calling it."""
     if ctx.distributed and dist.is_initialized():
+        # FSDP modules sit in reference cycles that hold the device mesh and its process group;
+        # collected at interpreter exit instead, they tear gloo down too late (SIGABRT).
+        gc.collect()
+        with suppress(Exception):  # after a failure the peers may be gone already
+            dist.barrier()
         dist.destroy_process_group()
