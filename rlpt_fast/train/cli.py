@@ -49,12 +49,18 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"rlpt train: {e}", file=sys.stderr)
         return 1
+    from rlpt_fast.distributed import RankFailedError, fail_together, init_distributed, shutdown
     from rlpt_fast.train.trainer import NonFiniteLossError, Trainer
 
+    ctx = init_distributed(cfg.model.device, cfg.train.dist_timeout_s)  # torchrun's ranks, or one process
     try:
-        summary = Trainer(cfg, resume=resume).train()
-    except (DataError, RewardError, NonFiniteLossError, ValueError) as e:
+        with fail_together(ctx):  # one rank fails: every rank stops with its error
+            summary = Trainer(cfg, resume=resume).train()
+    except (DataError, RewardError, NonFiniteLossError, RankFailedError, ValueError) as e:
         print(f"rlpt train: {e}", file=sys.stderr)
         return 1
-    print(json.dumps({k: v for k, v in summary.items() if k != "last"}))
+    finally:
+        shutdown(ctx)
+    if ctx.is_main:  # under torchrun, one summary line
+        print(json.dumps({k: v for k, v in summary.items() if k != "last"}))
     return 0

@@ -175,8 +175,10 @@ class TrainSection:
     progress: bool = True
     plots: bool = True
     tensorboard: bool = True
+    dist_timeout_s: float = 600.0  # torchrun: a collective waiting longer fails (never a silent hang)
 
     def __post_init__(self):
+        _check(self.dist_timeout_s > 0, "train.dist_timeout_s", f"must be > 0, got {self.dist_timeout_s}")
         for name in ("prompts_per_step", "grad_accum", "epochs", "max_nonfinite"):
             _check(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "checkpoint_every"):

@@ -1,6 +1,7 @@
-"""Trainer: GRPO post-training of a Qwen-VL model on RePIC-format rows, in one process.
+"""Trainer: GRPO post-training of a Qwen-VL model on RePIC-format rows.
 
     rlpt train run.toml [--section.key=value ...] [--resume]       # one GPU, or the CPU
+    torchrun --nproc_per_node=8 --no-python rlpt train run.toml     # data-parallel over 8 GPUs
     Trainer(load_config("run.toml")).train()                        # the same from Python
 
 One step (DESIGN.md, "One GRPO step"):
@@ -16,8 +17,12 @@ A non-finite loss or gradient norm skips the update (logged); max_nonfinite in a
 Randomness: the engine's draws are seeded from (seed, step, prompt), the LoRA dropout from torch's
 global generator, whose state checkpoints carry, so a resumed run repeats an uninterrupted one.
 
-Simplifications, on purpose: one process and one device (rlpt_fast.distributed holds the
-data-parallel pieces); all of a step's rollouts are generated before any training (no overlap);
+Under torchrun (`self.dist`, rlpt_fast.distributed.data_parallel) each rank takes its slice of
+every micro-batch (whole groups), generates and trains on it; full fine-tuning is FSDP2-sharded
+(the engine runs on weights gathered once per step), LoRA replicated with averaged adapter
+gradients; metrics are reduced and rank 0 logs and writes. Alone, every `self.dist` call is a no-op.
+
+Simplifications, on purpose: all of a step's rollouts are generated before any training (no overlap);
 with mu = 1 the ratio is exactly 1 (old log-probs are the policy's own, detached), as in RePIC,
 so the engine's sampling log-probs are not used; a sampled image-pad token is a plain token.
 """
@@ -28,9 +33,10 @@ import math
 from pathlib import Path
 
 import torch
-from rlpt_kernels import group_advantages
 
 from rlpt_fast.data import Row, load_rows
+from rlpt_fast.distributed import checkpointing as dist_ckpt
+from rlpt_fast.distributed.data_parallel import DataParallel
 from rlpt_fast.prompts import PromptBuilder, row_rng
 from rlpt_fast.rollout import Engine, Request, SamplingParams
 from rlpt_fast.train import checkpoint as ckpt
@@ -74,7 +80,8 @@ class Trainer:
         if not cfg.model.path:
             raise ValueError("model.path is empty: give the Qwen-VL checkpoint directory")
         self.output_dir = Path(cfg.train.output_dir)
-        self.device = resolve_device(cfg.model.device)
+        self.dist = DataParallel(cfg.model.device, cfg.train.dist_timeout_s)  # torchrun ranks (or one)
+        self.device = self.dist.ctx.device if self.dist.distributed else resolve_device(cfg.model.device)
         self.dtype = resolve_dtype(cfg.model.dtype, self.device)
         self.resume_from = ckpt.latest_checkpoint(self.output_dir) if resume else None
         if rows is None:  # before the model: bad data fails fast, naming each bad row
@@ -84,6 +91,8 @@ class Trainer:
         self.rows = rows
         seed_everything(cfg.train.seed)
         self.model, self.ref_model = build_models(cfg, self.device, self.dtype, model, self.resume_from)
+        self.model = self.dist.wrap(self.model, lora=cfg.lora.enabled)  # FSDP2, or adapters from rank 0
+        self.ref_model = self.dist.wrap_reference(self.ref_model)
         self.dtype, self.device = self.model.dtype, self.model.device
         self.sampling_overrides: dict = {}
         named = trainable(self.model)
@@ -92,7 +101,8 @@ class Trainer:
         self.builder = PromptBuilder(cfg.model.path)
         self.tokenizer = self.builder.tokenizer
         self.stream = PromptStream(rows, cfg.train.seed, shuffle=cfg.data.shuffle, task_mix=cfg.data.task_mix)
-        self.engine = Engine(self.model, **engine_config(cfg, self.model))
+        with self.dist.gathered(self.model):
+            self.engine = Engine(self.model, **engine_config(cfg, self.model))
         self.optimizer = build_optimizer(self.params, cfg.optim)
         self.reward_fn = reward_fn or (import_reward(cfg.grpo.reward_fn) if cfg.grpo.reward_fn
                                        else repic_reward(cfg.grpo.reward_compat))
@@ -101,9 +111,12 @@ class Trainer:
         self.total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * len(rows) / per_step)
         if self.resume_from is not None:
             ckpt.remove_partial(self.output_dir)
-            self.state, stream_state = ckpt.load_checkpoint(  # last: it restores the RNG states
-                self.resume_from, model=self.model, optimizer=self.optimizer,
-                param_names=self.param_names, lora=cfg.lora.enabled)
+            if self.dist.distributed:
+                self.state, stream_state = dist_ckpt.load_trainer_checkpoint(self, self.resume_from)
+            else:
+                self.state, stream_state = ckpt.load_checkpoint(  # last: it restores the RNG states
+                    self.resume_from, model=self.model, optimizer=self.optimizer,
+                    param_names=self.param_names, lora=cfg.lora.enabled)
             self.stream.load_state_dict(stream_state)
 
     @property
@@ -118,15 +131,17 @@ class Trainer:
         reset_peak_memory(self.device)
         engine_before = dict(self.engine.stats)
         picks = self.stream.take(cfg.train.prompts_per_step * cfg.train.grad_accum)
-        rollouts = self._rollout(picks)
+        mine = self.dist.my_indices(len(picks), cfg.train.grad_accum)  # whole groups of this rank
+        rollouts = self._rollout([picks[i] for i in mine], mine)
         self.last_rollouts = rollouts  # for inspection (tests, reports); replaced every step
         timer.mark("rollout")
         self._score(rollouts)
         timer.mark("reward")
-        pps = cfg.train.prompts_per_step
+        pps = self.dist.local_micro_batch(cfg.train.prompts_per_step)
         micro = [rollouts[i:i + pps] for i in range(0, len(rollouts), pps)]
         if g.beta > 0:
             for mb in micro:
+                self.dist.before_forward(self.ref_model or self.model)  # full FT: its root gathered
                 for r, ref in zip(mb, reference_logprobs(self.model, mb, g.temperature, self.ref_model)):
                     r.ref_logp = ref
         timer.mark("reference")
@@ -136,6 +151,8 @@ class Trainer:
         self.state.nonfinite_streak = self.state.nonfinite_streak + 1 if skipped else 0
         metrics = step_metrics(self, rollouts, updates, timer.times, engine_before,
                                packed_tokens(self.model, rollouts) * g.mu)
+        metrics = self.dist.reduce(metrics, completions=sum(len(r.completions) for r in rollouts),
+                                   groups=len(rollouts))
         if self.state.nonfinite_streak >= cfg.train.max_nonfinite:
             raise NonFiniteLossError(
                 f"aborting at step {self.state.step}: {self.state.nonfinite_streak} consecutive steps had a "
@@ -143,7 +160,10 @@ class Trainer:
                 f"lower optim.lr, check the data, or use model.dtype=float32", metrics)
         return metrics
 
-    def _rollout(self, picks: list[tuple[int, int]]) -> list[Rollout]:
+    def _rollout(self, picks: list[tuple[int, int]], indices: list[int] | None = None) -> list[Rollout]:
+        """indices: the picks' places in the step's global prompt list (rollout seeds follow them,
+        so a prompt samples the same completions whichever rank takes it)."""
+        indices = list(range(len(picks))) if indices is None else indices
         cfg, g = self.cfg, self.cfg.grpo
         # embeddings live for this step only: bounded memory, and a resumed run encodes the same
         # batches of images as an uninterrupted one (bitwise-equal embeddings)
@@ -159,8 +179,9 @@ class Trainer:
                                  max_tokens=g.max_new_tokens,
                                  seed=derived_seed("rollout", cfg.train.seed, self.state.step, i),
                                  **self.sampling_overrides)
-                  for i in range(len(prompts))]
-        outs = self.engine.generate(requests, params)
+                  for i in indices]
+        with self.dist.gathered(self.model, self.engine):  # full FT: every rank's engine on full weights
+            outs = self.engine.generate(requests, params)
         rollouts = []
         for (_, idx), p, e, comps in zip(picks, prompts, embeds, outs):
             ids = [list(c.token_ids) for c in comps]
@@ -173,7 +194,7 @@ class Trainer:
         for r in rollouts:
             r.rewards = score_group(self.reward_fn, r.row, r.texts, r.prompt)
         flat = torch.tensor([x for r in rollouts for x in r.rewards], dtype=torch.float32, device=self.device)
-        adv = group_advantages(flat, g.num_generations, scale=g.scale_rewards)
+        adv = self.dist.advantages(flat, g.num_generations, g.scale_rewards)
         for r, a in zip(rollouts, adv.split(g.num_generations)):
             r.advantages = a
 
@@ -183,17 +204,19 @@ class Trainer:
         lr = lr_at(self.state.updates, self.total_updates, self.cfg.optim)
         set_lr(opt, lr)
         opt.zero_grad(set_to_none=True)
-        num_items = sum(sum(r.lengths) for mb in micro for r in mb)
+        num_items = self.dist.global_count(sum(sum(r.lengths) for mb in micro for r in mb))
         scale = 1.0 if g.loss_type == "dapo" else 1.0 / len(micro)  # dapo already divides by all tokens
         loss, kl, clip, finite = 0.0, 0.0, 0.0, True
         self.model.train()
         for mb in micro:
+            self.dist.before_forward(self.model)  # full FT: its root gathered
             out = policy_loss(self.model, mb, g, num_items=num_items, keep_logp=keep_old)
-            if not torch.isfinite(out.loss).item():
+            if not self.dist.agree(bool(torch.isfinite(out.loss).item())):  # all ranks skip, or none
                 finite = False
                 break
-            (out.loss * scale).backward()
-            loss, kl, clip = loss + out.loss.item() * scale, kl + out.kl / len(micro), clip + out.clip_ratio / len(micro)
+            factor = scale * self.dist.loss_factor(g.loss_type, sum(sum(r.lengths) for r in mb))
+            (out.loss * factor).backward()
+            loss, kl, clip = loss + out.loss.item() * factor, kl + out.kl / len(micro), clip + out.clip_ratio / len(micro)
             if keep_old:
                 for r, lp in zip(mb, out.logp):
                     r.old_logp = lp
@@ -201,7 +224,8 @@ class Trainer:
         norm = float("nan")
         if finite:
             max_norm = self.cfg.optim.max_grad_norm or float("inf")
-            norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            self.dist.finish_backward(self.params)  # LoRA: adapter gradients averaged over ranks
+            norm = self.dist.clip(self.params, max_norm)
             finite = math.isfinite(norm)
         if finite:
             opt.step()
@@ -214,6 +238,8 @@ class Trainer:
     # ------------------------------------------------------------------ the run
     def save(self) -> Path:
         """Checkpoint of the current step (atomic); returns its directory."""
+        if self.dist.distributed:  # + sharded trainer state; every rank takes part
+            return dist_ckpt.save_trainer_checkpoint(self)
         return ckpt.save_checkpoint(
             self.output_dir, model=self.model, optimizer=self.optimizer, param_names=self.param_names,
             state=self.state, stream_state=self.stream.state_dict(), config=self.cfg.to_dict(),
@@ -223,15 +249,19 @@ class Trainer:
         """Runs to total_steps with logging and checkpoints. Returns {"steps", "checkpoint",
         "metrics" (path), "plots" (paths), "last" (the last step's metrics)}."""
         t = self.cfg.train
-        mon = Monitor(self.output_dir, self.total_steps, progress=t.progress, tensorboard=t.tensorboard, plots=t.plots)
+        mon = self.dist.monitor(lambda: Monitor(self.output_dir, self.total_steps, progress=t.progress,  # rank 0
+                                                tensorboard=t.tensorboard, plots=t.plots),
+                                self.output_dir / "metrics.jsonl")
         mon.resume_at(self.state.step)
         if self.resume_from is not None:
             mon.message(f"resumed from {self.resume_from} (step {self.state.step})")
         elif (old := ckpt.latest_checkpoint(self.output_dir)) is not None:
             mon.message(f"warning: {self.output_dir} holds checkpoints of an earlier run (latest {old.name}); "
                         "this fresh run overwrites them step by step (--resume continues that run instead)")
-        (self.output_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
-        last, saved = {}, None
+        if self.dist.is_main:
+            (self.output_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
+        mon.message(self.dist.memory_plan(self.model, self.engine).table())
+        last, saved, first = {}, None, self.state.step + 1
         try:
             while self.state.step < self.total_steps:
                 try:
@@ -241,6 +271,8 @@ class Trainer:
                     mon.message(str(e))
                     raise
                 mon.log(last)
+                if self.state.step == first:  # the plan against what the first step measured
+                    mon.message(self.dist.memory_check(self.model, self.optimizer, self.engine, last["peak_memory_mb"]))
                 if last["skipped"]:
                     mon.message(f"step {last['step']}: non-finite loss or gradient, update skipped")
                 if t.checkpoint_every and self.state.step % t.checkpoint_every == 0:
