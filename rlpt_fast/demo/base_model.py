@@ -44,8 +44,8 @@ class BaseModelConfig:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     vision_hidden_size: int = 32
-    personal_rate: float = 0.15
-    steps: int = 200
+    personal_rate: float = 0.25
+    steps: int = 300
     batch: int = 16
     lr: float = 3e-3
     weight_decay: float = 0.0

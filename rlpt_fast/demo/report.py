@@ -3,6 +3,7 @@ and the one JSON object `rlpt demo` prints last."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from .evaluate import PROTOCOL, EvalResult
@@ -85,7 +86,7 @@ def write_report(path: Path, result: dict, before: EvalResult, after: EvalResult
         f"Caption files (RePIC format): `{before.captions}`, `{after.captions}`.", "",
         "## Reward curves", "",
     ]
-    lines += [f"![{p.stem}]({p.name if p.parent == path.parent else p})" for p in plots] or \
+    lines += [f"![{p.stem}]({os.path.relpath(p, path.parent)})" for p in plots] or \
         ["(matplotlib is not installed: see the trainer's metrics.jsonl)"]
     lines += ["", "## Example captions", "", *_examples(before, after, 5), "",
               "## Result", "", "```json", json.dumps(result, indent=2), "```", ""]

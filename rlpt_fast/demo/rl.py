@@ -35,7 +35,7 @@ class RLConfig:
     steps: int = 30
     prompts_per_step: int = 4
     num_generations: int = 8
-    beta: float = 0.3
+    beta: float = 0.6
     lr: float = 1.5e-3
     lora_r: int = 8
     lora_alpha: float = 16.0

@@ -4,16 +4,22 @@ Built on `rlpt_fast.synthetic` (concepts, reference images, scenes at known boxe
 RePIC's formats). What this module adds is the demo's caption language:
 
     generic:      "In this picture we can see a red striped circle and a blue solid star placed
-                   on a plain light background, with 2 other objects nearby."
+                   together on a plain light background, in a simple scene."
     personalized: "In this picture we can see a red striped circle, <Kalo>, and a blue solid
-                   star, <Mizu>, placed on a plain light background, with 2 other objects nearby."
+                   star, <Mizu>, placed together on a plain light background, in a simple scene."
 
-A caption describes the concepts shown as references (in reference order, which is database
-order, as RePIC's skip-retrieval inserts them), then counts the other objects. A name follows
-its look as an apposition, so taking the names out leaves exactly the generic caption's words,
-and the choice to name is one token after a look ("," instead of " and" / " placed"). Every caption is
-at least 100 characters long (the shortest look, "a red solid ring", gives 106), so RePIC's
-100-character minimum of the name rewards is met by any well-formed caption and is kept as is.
+A caption describes the concepts shown as references, in reference order (database order, as
+RePIC's skip-retrieval inserts them). A name follows its look as an apposition, so taking the
+names out leaves exactly the generic caption's words, and the choice to name is one token
+("," instead of " and" / " placed"). Measured at the default seed (full demo, personal rate
+0.25): look-first reached F1 91.8 after GRPO against 75.8 for name-first ("<Kalo>, a red ..."),
+and lost less non-name accuracy. The captions do not count the distractors: with the frozen
+random vision tower a count is guesswork, and GRPO shifts guesses it does not reward, which
+made the non-name check measure noise.
+
+Every caption is at least 100 characters long (the shortest look, "a red solid ring", gives
+108), so RePIC's 100-character minimum of the name rewards is met by any well-formed caption
+and is kept as is.
 """
 from __future__ import annotations
 
@@ -28,6 +34,8 @@ from rlpt_fast.synthetic import (COLOURS, SHAPES, TEXTURES, Scene, World, WorldF
                                  scene_path, write_world)
 
 CAPTION_HEAD = "In this picture we can see "
+CAPTION_TAIL = " placed together on a plain light background, in a simple scene."
+NAME_FIRST = False  # see the module docstring
 PUNCT = '.,!?;:()[]{}"\'-'
 
 
@@ -76,13 +84,13 @@ def scene_keys(world: World, scene: Scene) -> list[str]:
 
 def caption(world: World, scene: Scene, personalized: bool) -> str:
     """The ground-truth caption of a scene (module docstring), with or without names."""
-    looks = [world.concept(k).look.describe() for k in scene_keys(world, scene)]
-    if personalized:  # the name follows its look: "a red solid ring, <Kalo>,"
-        looks = [f"{lk}, <{world.concept(k).name}>," for lk, k in zip(looks, scene_keys(world, scene))]
-    n = sum(1 for o in scene.objects if o.key is None)
-    others = f"{n} other object" + ("" if n == 1 else "s")
-    return (f"{CAPTION_HEAD}{' and '.join(looks)} placed on a plain light background, "
-            f"with {others} nearby.")
+    keys = scene_keys(world, scene)
+    looks = [world.concept(k).look.describe() for k in keys]
+    if personalized and NAME_FIRST:  # "<Kalo>, a red solid ring,"
+        looks = [f"{k}, {lk}," for k, lk in zip(keys, looks)]
+    elif personalized:  # "a red solid ring, <Kalo>,"
+        looks = [f"{lk}, {k}," for k, lk in zip(keys, looks)]
+    return f"{CAPTION_HEAD}{' and '.join(looks)}{CAPTION_TAIL}"
 
 
 def warm_start_captions(world: World, scenes: tuple[Scene, ...], personal_rate: float,
@@ -128,7 +136,7 @@ def content_words(text: str, names: list[str]) -> list[str]:
 def non_name_accuracy(text: str, world: World, scene: Scene) -> float:
     """Agreement in [0, 1] of a caption's non-name words with the scene's ground truth:
     difflib's ratio 2*M/(len(a)+len(b)) of the two word sequences (M = matched words), so a
-    wrong colour, a dropped object, an extra word or a wrong count all cost."""
+    wrong colour, a dropped or repeated object or an extra word all cost."""
     names = [c.name for c in world.concepts]
     truth = content_words(caption(world, scene, personalized=False), names)
     return difflib.SequenceMatcher(None, truth, content_words(text, names), autojunk=False).ratio()
