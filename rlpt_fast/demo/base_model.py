@@ -23,9 +23,8 @@ from safetensors.torch import save_file
 
 from rlpt_fast.model import QwenVLModel, load_model
 from rlpt_fast.prompts import Prompt, PromptBuilder
-from rlpt_fast.testing import write_tiny_checkpoint
-
 from rlpt_fast.synthetic import scene_path
+from rlpt_fast.testing import write_tiny_checkpoint
 
 from .teacher_forcing import caption_loss
 from .world import DemoWorld, corpus, question, scene_keys, warm_start_captions
