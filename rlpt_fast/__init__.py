@@ -13,6 +13,9 @@ _EXPORTS = {
     "Request": "rlpt_fast.rollout",
     "SamplingParams": "rlpt_fast.rollout",
     "Completion": "rlpt_fast.rollout",
+    "Trainer": "rlpt_fast.train",
+    "TrainConfig": "rlpt_fast.train",
+    "load_config": "rlpt_fast.train",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -47,3 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(selected).parse_args(argv)
     # The console-script wrapper passes the return value to sys.exit.
     return int(import_module(COMMANDS[args.command][0]).run(args) or 0)
+
+
+if __name__ == "__main__":  # `python -m rlpt_fast.cli ...`, e.g. under `torchrun -m`
+    sys.exit(main())
