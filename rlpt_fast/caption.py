@@ -77,7 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rlpt_fast.model import load_model
-    from rlpt_fast.model.lora import load_adapter
+    from rlpt_fast.model.lora_io import load_adapter
     from rlpt_fast.train.runtime import resolve_device, resolve_dtype
 
     database = load_database(args.database)

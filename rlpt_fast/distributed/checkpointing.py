@@ -34,7 +34,7 @@ def _python_numpy_rng(rng: dict) -> None:
 
 def save_trainer_checkpoint(trainer) -> Path:
     """Collective: every rank calls it after the same step. Returns the checkpoint directory."""
-    from rlpt_fast.model.lora import save_adapter, save_merged  # lazy: heavy
+    from rlpt_fast.model.lora_io import save_adapter, save_merged  # lazy: heavy
     from rlpt_fast.train import checkpoint as ckpt  # lazy: train imports this package
 
     dp, cfg = trainer.dist, trainer.cfg

@@ -134,7 +134,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class StateDictView(nn.Module):
-    """A module whose state_dict() is a given dict: lets rlpt_fast.model.lora.save_merged write a
+    """A module whose state_dict() is a given dict: lets rlpt_fast.model.lora_io.save_merged write a
     Hugging Face directory from gathered tensors without a second model in memory."""
 
     def __init__(self, state: dict[str, torch.Tensor]):
@@ -148,7 +148,7 @@ class StateDictView(nn.Module):
 def save_hf_model(model: nn.Module, ctx: DistContext, base_checkpoint_dir, out_dir) -> None:
     """The whole model as a Hugging Face directory (as on one GPU), written by rank 0 only.
     Collective when sharded: every rank calls it."""
-    from rlpt_fast.model.lora import save_merged
+    from rlpt_fast.model.lora_io import save_merged
 
     state = full_state_dict(model)
     if ctx.is_main:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlpt_fast.model.lora import load_adapter, save_adapter, save_merged
+from rlpt_fast.model.lora_io import load_adapter, save_adapter, save_merged
 
 FORMAT = 1
 

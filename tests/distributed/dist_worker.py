@@ -149,7 +149,7 @@ def run_training(ckpt: str, out: Path, ctx: DistContext, lora: bool) -> dict:
     if not lora:
         save_hf_model(model, ctx, ckpt, out / "hf")
     elif ctx.is_main:  # replicated adapters: rank 0 writes the PEFT directory, as on one GPU
-        from rlpt_fast.model.lora import save_adapter
+        from rlpt_fast.model.lora_io import save_adapter
         save_adapter(model, out / "adapter", ckpt)
     # DCP round trip: save, take a step, restore, take the same step again
     save_sharded_state(out / "dcp", model, opt, ctx)

@@ -92,7 +92,7 @@ def test_memory_plan_matches_what_each_rank_holds(runs):
 def test_outputs_written_by_rank0_load_as_on_one_gpu(runs, dist_ckpt):
     """Full FT: a Hugging Face directory gathered from the shards; LoRA: the PEFT adapter."""
     from rlpt_fast.model import load_model
-    from rlpt_fast.model.lora import load_adapter
+    from rlpt_fast.model.lora_io import load_adapter
 
     scenario, _, _, _, two_dir = runs
     final = load_file(str(two_dir / "final.safetensors"))

@@ -15,8 +15,8 @@ from rlpt_fast.model.lora import (
     lm_head_operands,
     lm_head_weight,
     lora_layers,
-    merge_lora,
 )
+from rlpt_fast.model.lora_io import merge_lora
 
 
 class Toy(nn.Module):
@@ -154,7 +154,7 @@ def test_lm_head_weight_and_operands_match_the_module_with_gradients():
 
 
 def test_load_adapter_names_the_tensor_that_does_not_fit(tmp_path):
-    from rlpt_fast.model.lora import load_adapter, save_adapter
+    from rlpt_fast.model.lora_io import load_adapter, save_adapter
 
     model = Toy()
     apply_lora(model, LoRAConfig(r=2))
@@ -250,7 +250,7 @@ def test_saved_adapter_loads_in_peft_with_the_same_logits_and_keys(adapted, ckpt
     from peft import LoraConfig, PeftModel, get_peft_model
     from safetensors import safe_open
 
-    from rlpt_fast.model.lora import load_adapter, save_adapter
+    from rlpt_fast.model.lora_io import load_adapter, save_adapter
 
     model, x, _, logits = adapted
     save_adapter(model, tmp_path / "ours", ckpt)
@@ -282,7 +282,7 @@ def test_saved_adapter_loads_in_peft_with_the_same_logits_and_keys(adapted, ckpt
 def test_merged_checkpoint_loads_in_transformers_with_the_same_logits(adapted, ckpt, tmp_path):
     from safetensors import safe_open
 
-    from rlpt_fast.model.lora import save_merged
+    from rlpt_fast.model.lora_io import save_merged
 
     model, x, _, logits = adapted
     out = save_merged(model, ckpt, tmp_path / "merged")
