@@ -24,6 +24,15 @@ def newest_records(since_git: str | None) -> list[dict]:
     return records
 
 
+def _flatten(summary: dict, prefix: str = ""):
+    """(dotted key, value) pairs of a possibly nested summary."""
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--since-git", help="prefer records of this git revision")
@@ -31,7 +40,7 @@ def main() -> None:
     rows = []
     for rec in newest_records(args.since_git):
         head = f"{rec.get('subject')} on {rec.get('device')} ({rec.get('date', '?')[:10]})"
-        for key, value in (rec.get("summary") or {}).items():
+        for key, value in _flatten(rec.get("summary") or {}):
             shown = f"{value:.3g}" if isinstance(value, float) else str(value)
             rows.append((head, key, shown))
         if not rec.get("summary"):

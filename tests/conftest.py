@@ -6,8 +6,12 @@ module that defines kernels is imported; conftest.py is imported before the test
 """
 import os
 
-import pytest
-import torch
+# OpenMP threads that spin while waiting make every op several times slower when the two cores
+# are shared (CI, parallel jobs); must be set before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
