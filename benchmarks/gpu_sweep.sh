@@ -28,7 +28,7 @@ stage() {  # stage NAME SECONDS CMD...
   echo "$name $rc $((SECONDS - t0))" >> "$OUT/stages.txt"
 }
 
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+if [ $DRY = 0 ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site $(ls .whl/*.whl | grep -v rlpt_fast) && export PYTHONPATH=/tmp/site
 fi
@@ -48,11 +48,12 @@ if [ $DRY = 1 ]; then
   stage bench_rollout 300 $PY benchmarks/bench_rollout.py
   stage bench_train_step 400 $PY benchmarks/bench_train_step.py
 else
-  stage tests 100 $PY -m pytest -q -p no:cacheprovider -m gpu tests
-  stage bench_kernels 170 $PY benchmarks/bench_kernels.py
-  stage bench_model 100 $PY benchmarks/bench_model.py
-  stage bench_rollout 110 $PY benchmarks/bench_rollout.py
-  stage bench_train_step 100 $PY benchmarks/bench_train_step.py
+  stage tests 90 $PY -m pytest -q -p no:cacheprovider -m gpu tests
+  stage bench_kernels 150 $PY benchmarks/bench_kernels.py
+  stage bench_model 90 $PY benchmarks/bench_model.py
+  stage bench_rollout 100 $PY benchmarks/bench_rollout.py
+  stage bench_train_step 90 $PY benchmarks/bench_train_step.py
+  stage bench_train_step_7b 50 $PY benchmarks/bench_train_step.py --memory-7b
 fi
 cp benchmarks/results/*.jsonl "$OUT/" 2>/dev/null
 $PY benchmarks/sweep_table.py --since-git "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
