@@ -82,7 +82,7 @@ def bench_logprobs(report, tokens, V, device, dtype, ceilings):
     ids = torch.randint(0, V, (tokens,), device=device)
     floor_ms = tokens * V * logits.element_size() / (ceilings.copy_gbps * 1e9) * 1e3
     for name, fn in candidates_logprobs(device).items():
-        _row(report, "token_logprobs fwd", name, tokens, lambda: fn(logits, ids), device, floor_ms,
+        _row(report, "token_logprobs fwd", name, tokens, lambda fn=fn: fn(logits, ids), device, floor_ms,
              tokens * V * logits.element_size())
 
 
