@@ -47,6 +47,7 @@ setup(
             "transformers>=5.17,<6",
             "peft>=0.17",
             "trl>=1.0,<2",
+            "matplotlib",  # the trainer's PNG curves are part of what the tests check
         ],
         "bench": [
             "liger-kernel>=0.6",
