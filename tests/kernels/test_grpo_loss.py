@@ -152,10 +152,11 @@ def test_row_offsets_past_int32(device):
     adv = torch.ones(1, device=device)
     loss, _ = grpo_loss(logits, ids, adv, mask)
     assert loss.item() == pytest.approx(-1.0)
-    logp = token_logprob_last = logits[0, -1].double().log_softmax(-1)[V - 5]
-    ref_logp = torch.full((1, T), float(token_logprob_last), device=device)
-    loss_kl, stats = grpo_loss(logits, ids, adv, mask, ref_logp=ref_logp + 0.5, beta=1.0, kl="k1")
-    assert stats["kl"] == pytest.approx(-0.5, abs=1e-3) and float(logp) < 0
+    # k1 KL = logp - ref_logp on the one active row: reads the row past 2^31 elements correctly
+    logp = logits[0, -1].double().log_softmax(-1)[V - 5]
+    ref_logp = torch.full((1, T), float(logp) + 0.5, device=device)
+    _, stats = grpo_loss(logits, ids, adv, mask, ref_logp=ref_logp, beta=1.0, kl="k1")
+    assert stats["kl"] == pytest.approx(-0.5, abs=1e-3)
 
 
 trl = pytest.importorskip("trl", reason="TRL parity needs trl (in the test extra)")
