@@ -4,7 +4,7 @@ Loaded from TOML by `load_config(path, overrides)` (config_file.py), one table p
 
     [model]  path, dtype, device, gradient_checkpointing
     [lora]   enabled, r, alpha, dropout, target_modules        (enabled=false: full fine-tuning)
-    [data]   files, task_mix, skip_invalid, shuffle
+    [data]   files, task_mix, skip_invalid, shuffle, prompt_layout
     [grpo]   num_generations, beta, kl, eps_low, eps_high, loss_type, mu, scale_rewards,
              max_new_tokens, temperature, top_p, top_k, reward_compat, reward_fn
     [optim]  lr, schedule, warmup_steps, weight_decay, betas, adam_eps, max_grad_norm, fused
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlpt_fast.prompt_layout import PROMPT_LAYOUTS
 from rlpt_fast.rewards import COMPATS, METHODS
 
 KL_TYPES = ("k1", "k2", "k3")
@@ -78,11 +79,15 @@ class LoRASection:
 @dataclass
 class DataSection:
     """files: RePIC training rows (JSON/JSONL), relative to the config file. task_mix: reward
-    method -> sampling weight ({} = the files' own proportions; weight 0 drops the task)."""
+    method -> sampling weight ({} = the files' own proportions; weight 0 drops the task).
+    prompt_layout: "training" (RePIC's run: images first, then the text) or "inference" (RePIC's
+    evaluation layout, rebuilt from each row's "i. Name: ..., Info: ..." lines; name tasks only;
+    see rlpt_fast/prompt_layout.py)."""
     files: list[str] = field(default_factory=list)
     task_mix: dict[str, float] = field(default_factory=dict)
     skip_invalid: bool = False
     shuffle: bool = True
+    prompt_layout: str = "training"
 
     def __post_init__(self):
         if isinstance(self.files, str):
@@ -91,6 +96,8 @@ class DataSection:
             _check(m in METHODS, "data.task_mix", f"unknown task {m!r} (expected one of {METHODS})")
             _check(isinstance(w, (int, float)) and w >= 0, f"data.task_mix.{m}", f"must be >= 0, got {w!r}")
         _check(not self.task_mix or sum(self.task_mix.values()) > 0, "data.task_mix", "all weights are 0")
+        _check(self.prompt_layout in PROMPT_LAYOUTS, "data.prompt_layout",
+               f"must be one of {PROMPT_LAYOUTS}, got {self.prompt_layout!r}")
 
 
 @dataclass

@@ -5,7 +5,8 @@
     Trainer(load_config("run.toml")).train()                        # the same from Python
 
 One step (DESIGN.md, "One GRPO step"):
-  1. take prompts_per_step * grad_accum rows; render them (RePIC's training layout), encode each
+  1. take prompts_per_step * grad_accum rows; render them (data.prompt_layout: RePIC's training
+     layout by default, or its inference layout rebuilt from the row), encode each
      distinct image once (the frozen vision tower's embeddings are reused all step);
   2. the engine samples G completions per prompt from the trainer's own weights (no copy);
   3. each completion is scored by its row's reward method; advantages are normalized per group;
@@ -37,6 +38,7 @@ import torch
 from rlpt_fast.data import Row, load_rows
 from rlpt_fast.distributed import checkpointing as dist_ckpt
 from rlpt_fast.distributed.data_parallel import DataParallel
+from rlpt_fast.prompt_layout import check_rows, row_prompt
 from rlpt_fast.prompts import PromptBuilder, row_rng
 from rlpt_fast.rollout import Engine, Request, SamplingParams
 from rlpt_fast.train import checkpoint as ckpt
@@ -88,7 +90,9 @@ class Trainer:
             if not cfg.data.files:
                 raise ValueError("data.files is empty: give RePIC-format training rows (JSON/JSONL)")
             rows = load_rows(cfg.data.files, skip_invalid=cfg.data.skip_invalid).rows
-        self.rows = rows
+        sampled = {m for m, w in cfg.data.task_mix.items() if w > 0} if cfg.data.task_mix else None
+        self.rows = rows = check_rows(rows, cfg.data.prompt_layout, tasks=sampled,
+                                      skip_invalid=cfg.data.skip_invalid)
         seed_everything(cfg.train.seed)
         self.model, self.ref_model = build_models(cfg, self.device, self.dtype, model, self.resume_from)
         self.model = self.dist.wrap(self.model, lora=cfg.lora.enabled)  # FSDP2, or adapters from rank 0
@@ -170,7 +174,8 @@ class Trainer:
         self.model.clear_image_cache()
         prompts, embeds = [], []
         for epoch, idx in picks:
-            p = self.builder.training_prompt(self.rows[idx], row_rng(cfg.train.seed, epoch, idx))
+            p = row_prompt(self.builder, self.rows[idx], row_rng(cfg.train.seed, epoch, idx),
+                           cfg.data.prompt_layout)
             prompts.append(p)
             embeds.append(None if p.pixel_values is None else
                           self.model.encode_images(p.pixel_values.to(self.device), p.image_grid_thw))
