@@ -1,0 +1,134 @@
+"""Host-side share of a decode step: the engine's Python work against the time the GPU computes.
+
+Issue 4 asks for this profile at batch 64 to decide whether the engine's per-step host path must
+move to C++ (csrc/): if the host's share of a decode step is above 10%, it must.
+
+Each decode step ends in one host sync (the sampled tokens go to the host for stop detection), so
+host work and GPU work of a step do not overlap: step = host + wait, where `wait` is the time the
+host spends blocked at that sync. This measures `wait` with a synchronize placed right before the
+step's own sync (which then returns at once), and host = step - wait. Then it runs the same
+generate again under cProfile and prints the functions with the most host time of their own.
+
+    python benchmarks/profile_host.py                   # GPU: 3B shape, B = 8 x G = 8 = 64 sequences
+    python benchmarks/profile_host.py --model tiny      # CPU: the same workload shape on the tiny model
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_rollout import build_models, build_prompts
+from common import Report
+
+import rlpt_fast.rollout.model_runner as model_runner
+from rlpt_fast.rollout import Engine, Request, SamplingParams
+
+
+class SyncWait:
+    """Wraps the runner's sampler: after each decode step's sampling, waits for the device and
+    adds the time blocked to `seconds` (prefill steps are not counted)."""
+
+    def __init__(self, device: str):
+        self.device, self.seconds, self.steps, self.decode = device, 0.0, 0, False
+        self._sample, self._run = model_runner.sample, model_runner.ModelRunner.run
+
+    def __enter__(self) -> SyncWait:
+        me = self
+
+        def run(runner, batch):
+            me.decode = not batch.is_prefill
+            return me._run(runner, batch)
+
+        def sample(logits, tensors):
+            out = me._sample(logits, tensors)
+            if me.decode and self.device.startswith("cuda"):
+                t0 = time.perf_counter()
+                torch.cuda.synchronize()
+                me.seconds += time.perf_counter() - t0
+                me.steps += 1
+            return out
+
+        model_runner.sample, model_runner.ModelRunner.run = sample, run
+        return self
+
+    def __exit__(self, *exc) -> None:
+        model_runner.sample, model_runner.ModelRunner.run = self._sample, self._run
+
+
+def parse_args() -> argparse.Namespace:
+    gpu = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=["tiny", "3b"], default="3b" if gpu else "tiny")
+    p.add_argument("--batch", type=int, default=8, help="prompts (B); B x G sequences decode together")
+    p.add_argument("--group", type=int, default=8)
+    p.add_argument("--prompt-tokens", type=int, default=1200)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--top", type=int, default=15, help="functions listed from the profile")
+    return p.parse_args()
+
+
+def make_engine(model, prompts, args) -> Engine:
+    t, n, bs = prompts[0][0].numel(), args.new_tokens, args.block_size
+    blocks = len(prompts) * (-(-t // bs)) + len(prompts) * args.group * (-(-n // bs) + 2) + 16
+    return Engine(model, block_size=bs, num_blocks=blocks, max_num_seqs=len(prompts) * args.group,
+                  max_num_batched_tokens=8192, max_model_len=t + n + bs)
+
+
+def main() -> None:
+    args = parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, theirs = build_models(args.model, device, dtype, Path(tmp))
+    del theirs
+    prompts = build_prompts(model.config, args.batch, args.prompt_tokens)
+    engine = make_engine(model, prompts, args)
+    requests = [Request(*p) for p in prompts]
+    params = SamplingParams(n=args.group, temperature=1.0, max_tokens=args.new_tokens, ignore_eos=True, seed=0)
+    engine.generate(requests[:1], SamplingParams(n=2, max_tokens=4, ignore_eos=True))  # warm-up, graph capture
+
+    def fresh_run():
+        model.clear_image_cache()
+        for key in engine.stats:
+            engine.stats[key] = 0
+        engine.generate(requests, params)
+        return engine.stats["decode_seconds"] / max(1, engine.stats["decode_steps"])
+
+    fresh_run()
+    with SyncWait(device) as wait:
+        step_s = fresh_run()
+    wait_s = wait.seconds / max(1, wait.steps)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    fresh_run()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.top)
+
+    report = Report("host_profile", device)
+    report.card = dict(model=f"{args.model} qwen2_5_vl (random weights) {dtype}", decode_batch=args.batch * args.group,
+                       prompt_tokens=prompts[0][0].numel(), new_tokens=args.new_tokens,
+                       cuda_graphs=engine.runner.graphs is not None)
+    report.print_card()
+    print(text.getvalue())
+    host_ms, step_ms = 1e3 * (step_s - wait_s), 1e3 * step_s
+    report.rows.append(dict(decode_batch=args.batch * args.group, step_ms=step_ms, device_wait_ms=1e3 * wait_s,
+                            host_ms=host_ms, host_share=host_ms / step_ms))
+    report.print_table(["decode_batch", "step_ms", "device_wait_ms", "host_ms", "host_share"])
+    report.finish(dict(host_share=host_ms / step_ms, goal="host share <= 10% of a decode step at batch 64, "
+                                                          "else move the hot path to csrc/"))
+
+
+if __name__ == "__main__":
+    main()
