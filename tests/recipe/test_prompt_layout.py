@@ -8,10 +8,23 @@ import torch
 from rlpt_fast import synthetic
 from rlpt_fast.data import DataError, Row, load_database, load_rows
 from rlpt_fast.image_processing import VisionConfig
-from rlpt_fast.prompt_layout import (QUESTION_DRAWS, RowLayoutError, check_rows, reference_concepts,
-                                     row_prompt, row_question)
-from rlpt_fast.prompts import (MULTI_QUESTIONS, SINGLE_QUESTIONS, SYSTEM_PROMPT, PromptBuilder,
-                               question_for, reference_line, row_rng)
+from rlpt_fast.prompt_layout import (
+    QUESTION_DRAWS,
+    RowLayoutError,
+    check_rows,
+    reference_concepts,
+    row_prompt,
+    row_question,
+)
+from rlpt_fast.prompts import (
+    MULTI_QUESTIONS,
+    SINGLE_QUESTIONS,
+    SYSTEM_PROMPT,
+    PromptBuilder,
+    question_for,
+    reference_line,
+    row_rng,
+)
 
 testing = pytest.importorskip("rlpt_fast.testing")
 

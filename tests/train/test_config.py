@@ -1,6 +1,8 @@
 """TrainConfig: RePIC defaults, TOML loading, overrides, and errors that name the key."""
 import pytest
 
+import rlpt_fast.train.cli  # noqa: F401  (loaded with the rest at collection; see the CLI test)
+from rlpt_fast.cli import main
 from rlpt_fast.train.config import ConfigError, TrainConfig, load_config
 from rlpt_fast.train.config_file import parse_override
 
@@ -70,15 +72,15 @@ def test_every_bare_key_resolves_to_its_section():
 
 
 def test_rlpt_train_reports_bad_config_and_bad_rows_in_one_line(tmp_path, capsys):
-    from rlpt_fast.cli import main
-
+    # rlpt_fast.train.cli is imported at the top of this file, not by main(): otherwise it was the
+    # one module this suite read from disk minutes after collection, and on a checkout being
+    # edited meanwhile a newer cli.py met the older modules already loaded (the one-off failure)
     cfg = tmp_path / "run.toml"
     cfg.write_text('[model]\npath = "nowhere"\n[data]\nfiles = ["rows.jsonl"]\n[grpo]\nbetta = 1\n')
-    assert main(["train", str(cfg)]) == 1
-    assert "grpo.betta" in capsys.readouterr().err
+    rc, err = main(["train", str(cfg)]), capsys.readouterr().err
+    assert rc == 1 and "grpo.betta" in err, err
     (tmp_path / "rows.jsonl").write_text('{"image": "x.png", "problem": "p", "solution": "maybe", '
                                          '"accu_reward_method": "yes_no"}\n')
     cfg.write_text('[model]\npath = "nowhere"\n[data]\nfiles = ["rows.jsonl"]\n')
-    assert main(["train", str(cfg), "--train.progress=false"]) == 1
-    err = capsys.readouterr().err
-    assert "rows.jsonl: line 1" in err and "'yes' or 'no'" in err
+    rc, err = main(["train", str(cfg), "--train.progress=false"]), capsys.readouterr().err
+    assert rc == 1 and "rows.jsonl: line 1" in err and "'yes' or 'no'" in err, err

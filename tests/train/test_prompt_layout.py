@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+import rlpt_fast.train.cli  # noqa: F401  (loaded at collection: see test_config.py's CLI test)
+from rlpt_fast.cli import main
 from rlpt_fast.data import DataError, load_database
 from rlpt_fast.prompt_layout import QUESTION_DRAWS
 from rlpt_fast.prompts import SYSTEM_PROMPT, question_for, row_rng
@@ -32,8 +34,6 @@ def test_key_reads_from_toml_and_overrides_and_rejects_unknown_values(tmp_path):
 
 
 def test_rlpt_train_rejects_tasks_the_layout_cannot_render_before_loading_the_model(world, tmp_path, capsys):
-    from rlpt_fast.cli import main
-
     cfg = tmp_path / "run.toml"
     cfg.write_text(f'[model]\npath = "nowhere"\n[data]\nfiles = ["{world.rows}"]\n')
     assert main(["train", str(cfg), "--data.prompt_layout=inference", "--train.progress=false"]) == 1
