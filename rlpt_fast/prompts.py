@@ -10,6 +10,8 @@ in their code); here every image of a row gets its slot.
 Inference (their caption_eval_*.py, skip-retrieval): system prompt, then per reference image the
 image and "i. Name: <shown name>, Info: ...", then the query image and "This is the query image.
 <question>", questions cycling through a fixed list; RePIC ran it with max_pixels = 1024*28*28.
+The trainer can render training rows in this layout too (data.prompt_layout = "inference"): the
+concepts are parsed from the row itself in rlpt_fast/prompt_layout.py.
 
 Rendering: tokenizer.apply_chat_template (the checkpoint's template) -> text with one
 <|image_pad|> per image -> token ids, each pad expanded to the image's merged-patch count, exactly
