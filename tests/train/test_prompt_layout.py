@@ -12,6 +12,7 @@ from rlpt_fast.data import DataError, load_database
 from rlpt_fast.prompt_layout import QUESTION_DRAWS
 from rlpt_fast.prompts import SYSTEM_PROMPT, question_for, row_rng
 from rlpt_fast.train.config import ConfigError, TrainConfig, load_config
+from rlpt_fast.train.stream import PromptStream
 from rlpt_fast.train.trainer import Trainer
 
 NAME_TASKS = "--data.task_mix={yes_no_name = 1, yes_no_name_multi = 1}"
@@ -60,11 +61,12 @@ def test_step_in_inference_layout_renders_the_rows_concepts(make_config, world):
     assert not m["skipped"] and math.isfinite(m["loss"]) and m["step"] == 1
     db = load_database(world.database)
     assert len(tr.last_rollouts) == 3
-    for r in tr.last_rollouts:
-        idx = tr.rows.index(r.row)
+    picks = PromptStream(tr.rows, tr.cfg.train.seed, shuffle=True, task_mix=tr.cfg.data.task_mix).take(3)
+    for (epoch, idx), r in zip(picks, tr.last_rollouts):
+        assert r.row is tr.rows[idx]
         keys = [r.row.solution] if isinstance(r.row.solution, str) else r.row.solution
         concepts = db.select(keys)
-        q = question_for(row_rng(tr.cfg.train.seed, 0, idx).randrange(QUESTION_DRAWS), len(keys) > 1)
+        q = question_for(row_rng(tr.cfg.train.seed, epoch, idx).randrange(QUESTION_DRAWS), len(keys) > 1)
         want = tr.builder.inference_prompt(concepts, r.row.images[-1], q)
         assert r.prompt.text == want.text and r.prompt.text.startswith("<|im_start|>system\n" + SYSTEM_PROMPT)
         assert torch.equal(r.prompt.input_ids, want.input_ids)
