@@ -45,7 +45,9 @@ def candidates_logprobs(device: str) -> dict[str, Callable]:
         c["torch.compile"] = torch.compile(naive_logprobs)
         if HAS_LIGER:
             from liger_kernel.ops.grpo_loss import fused_selective_log_softmax
-            c["liger selective"] = lambda x, i: fused_selective_log_softmax(x, i, 1.0)
+            # liger takes (B, L + 1, V) and drops the last position: one sequence of our rows, so it
+            # computes N - 1 of the N rows (the same work within 1/N)
+            c["liger selective"] = lambda x, i: fused_selective_log_softmax(x[None], i[None], 1.0)
     c["ours"] = lambda x, i: rlpt_kernels.token_logprobs(x, i)
     return c
 
@@ -140,12 +142,17 @@ def _row(report, op, name, tokens, fn, device, floor_ms, bytes_moved):
         torch.cuda.empty_cache()
         report.rows.append({"op": op, "impl": name, "tokens": tokens, "status": "OOM"})
         return
+    except Exception as e:  # noqa: BLE001 - a baseline's failure is a row, not the end of the run
+        report.rows.append({"op": op, "impl": name, "tokens": tokens, "status": f"error: {e!r}"[:120]})
+        print(f"  {op} / {name} @ {tokens}: {e!r}", flush=True)
+        return
     row = {"op": op, "impl": name, "tokens": tokens, **t.as_dict(),
            "floor_ms": floor_ms, "pct_of_floor": 100 * floor_ms / t.median,
            "peak_gib": None if peak is None else peak / 2**30, "status": "ok"}
     if bytes_moved is not None:
         row["gbps"] = bytes_moved / (t.median * 1e-3) / 1e9
     report.rows.append(row)
+    print(f"  {op} / {name} @ {tokens}: {t.median:.3f} ms", flush=True)  # progress, if cut short
 
 
 def summarize(rows: list[dict]) -> dict:

@@ -189,12 +189,14 @@ def run_ours(ckpt: Path, rows_file: Path, args, out: Path, model=None) -> tuple[
     ] + ([] if args.memory_7b else [f"--lora.target_modules={json.dumps(list(LEAVES))}"]) + [
         "--data.shuffle=false", "--train.progress=false", "--train.plots=false", "--train.tensorboard=false"])
     trainer = Trainer(cfg, reward_fn=toy_reward, model=model() if model else None)
+    progress("ours: trainer built")
     trainer.sampling_overrides = {"ignore_eos": True}
     steps = []
     for i in range(args.steps + 1):
         t0 = time.perf_counter()
         m = trainer.step()
         m["time_total"] = time.perf_counter() - t0
+        progress(f"ours: step {i} in {m['time_total']:.1f} s ({', '.join(f'{ph} {m[f'time_{ph}']:.2f}' for ph in PHASES)})")
         if i:  # the first step warms caches and allocators
             steps.append({"total": m["time_total"], **{ph: m[f"time_{ph}"] for ph in PHASES},
                           "tokens": m["completion_length_mean"], "peak_mb": m["peak_memory_mb"]})
@@ -203,6 +205,14 @@ def run_ours(ckpt: Path, rows_file: Path, args, out: Path, model=None) -> tuple[
 
 def model_card_args(trainer) -> dict:
     return {"model": trainer.model}
+
+
+_T0 = time.perf_counter()
+
+
+def progress(what: str) -> None:
+    """A line on stderr with the seconds since start: where the time went if the run is cut short."""
+    print(f"[{time.perf_counter() - _T0:6.1f} s] {what}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------- TRL
@@ -267,6 +277,7 @@ def run_trl(ckpt: Path, rows: list[dict], root: Path, args, device: str, model=N
 
         def on_step_end(self, *a, **k):
             ph.steps.append({**ph.cur, "total": ph.clock() - ph.t0})
+            progress(f"trl: step {len(ph.steps) - 1} in {ph.steps[-1]['total']:.1f} s")
     r = args.lora_r
     trainer = GRPOTrainer(model=model, reward_funcs=trl_reward, args=cfg, processing_class=AutoProcessor.from_pretrained(ckpt),
                           train_dataset=Dataset.from_list([example(x) for x in rows[:n * args.prompts]]),
@@ -299,6 +310,7 @@ def main() -> None:
     kind = "7b" if args.memory_7b else (args.model if args.model != "auto" else ("3b" if device == "cuda" else "tiny"))
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_step_"))
     ckpt, ours_model, trl_model = build_checkpoint(kind, tmp, device, args)
+    progress(f"{kind} checkpoint built")
     world = World(tmp / "world", args, n_rows=(args.steps + 1) * args.prompts)
     report = Report("train_step", device)
     ours, built = run_ours(ckpt, world.rows_file, args, tmp / "ours", model=ours_model)

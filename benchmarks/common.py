@@ -28,6 +28,9 @@ def device_name(device: str) -> str:
 
 
 def git_revision() -> str:
+    """HEAD's short hash; RLPT_GIT_REV names it where the tree is an export without .git."""
+    if os.environ.get("RLPT_GIT_REV"):
+        return os.environ["RLPT_GIT_REV"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, cwd=Path(__file__).parent, check=True)

@@ -4,6 +4,8 @@
 #   bash benchmarks/fetch_wheels.sh                 # here, once: wheels the GPU image lacks -> .whl/
 #   device run (carry .whl): bash benchmarks/gpu_sweep.sh [STAGE ...]
 #   bash benchmarks/gpu_sweep.sh --dry-run [STAGE ...]   # on a CPU: the same stages at tiny sizes
+# The device copies the working tree as it is, others' unfinished edits included; to measure a
+# commit, export it (benchmarks/export_tree.sh -> .snap/, carried) and run the sweep from there.
 #
 # Stages (default: all, in this order; the open issues' goals first):
 #   tests        gpu-marked tests (bf16 kernels at V 151936, CUDA-graph engine, flex packing)
@@ -25,7 +27,7 @@ DRY=0; [ "${1:-}" = "--dry-run" ] && { DRY=1; shift; }
 STAGES=${*:-tests rollout host train memory7b kernels model}
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-REV=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+REV=${RLPT_GIT_REV:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 
 pack() {
   cp benchmarks/results/*.jsonl "$LOGS/" 2>/dev/null
@@ -75,12 +77,12 @@ for s in $STAGES; do
     esac
   else
     case $s in
-      tests)    stage tests 80 $PY -m pytest -q -p no:cacheprovider -m gpu tests ;;
+      tests)    stage tests 60 $PY -m pytest -q -p no:cacheprovider --tb=short -m gpu tests ;;
       rollout)  stage rollout 130 $PY benchmarks/bench_rollout.py ;;
-      host)     stage host 60 $PY benchmarks/profile_host.py ;;
-      train)    stage train 100 $PY benchmarks/bench_train_step.py ;;
-      memory7b) stage memory7b 50 $PY benchmarks/bench_train_step.py --memory-7b ;;
-      kernels)  stage kernels 120 $PY benchmarks/bench_kernels.py --tokens 4096 16384 65536 ;;
+      host)     stage host 50 $PY benchmarks/profile_host.py ;;
+      train)    stage train 130 $PY benchmarks/bench_train_step.py ;;
+      memory7b) stage memory7b 70 $PY benchmarks/bench_train_step.py --memory-7b ;;
+      kernels)  stage kernels 90 $PY benchmarks/bench_kernels.py --tokens 4096 16384 ;;
       model)    stage model 90 $PY benchmarks/bench_model.py --models 3b,7b ;;
       *) echo "unknown stage $s" ;;
     esac

@@ -19,6 +19,7 @@ kernel); SDPA with a dense boolean mask per sequence elsewhere (FlexAttention ha
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -133,7 +134,14 @@ def dense_mask(packed: PackedBatch, start: int = 0, end: int | None = None) -> t
 
 
 def default_backend(device: torch.device | str) -> str:
-    """The one place that picks the attention backend: "flex" on CUDA, "sdpa" elsewhere."""
+    """The one place that picks the attention backend: "flex" on CUDA, "sdpa" elsewhere;
+    RLPT_PACKED_ATTENTION=flex|sdpa overrides (flex compiles once per process, which a short
+    run or a benchmark may not want to pay)."""
+    choice = os.environ.get("RLPT_PACKED_ATTENTION")
+    if choice:
+        if choice not in ("flex", "sdpa"):
+            raise ValueError(f"RLPT_PACKED_ATTENTION must be 'flex' or 'sdpa', got {choice!r}")
+        return choice
     return "flex" if torch.device(device).type == "cuda" else "sdpa"
 
 
@@ -153,11 +161,15 @@ def _sdpa_attention(packed: PackedBatch) -> AttentionFn:
     masks = [dense_mask(packed, s, e) for s, e in packed.seq_bounds]
 
     def attn(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # KV heads repeated by hand: with a mask, CUDA's memory-efficient kernel does not take
+        # enable_gqa, and SDPA would fall back to the math path (scores materialized)
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         out = []
         for (s, e), m in zip(packed.seq_bounds, masks):
             o = F.scaled_dot_product_attention(
                 q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
-                attn_mask=m, enable_gqa=True)  # (Hq, n, D)
+                attn_mask=m)  # (Hq, n, D)
             out.append(o.transpose(0, 1))
         return torch.cat(out)
     return attn
