@@ -77,12 +77,12 @@ for s in $STAGES; do
     esac
   else
     case $s in
-      tests)    stage tests 60 $PY -m pytest -q -p no:cacheprovider --tb=short -m gpu tests ;;
+      tests)    stage tests 55 $PY -m pytest -q -p no:cacheprovider --tb=short -m gpu tests ;;
       rollout)  stage rollout 130 $PY benchmarks/bench_rollout.py ;;
-      host)     stage host 50 $PY benchmarks/profile_host.py ;;
+      host)     stage host 45 $PY benchmarks/profile_host.py ;;
       train)    stage train 130 $PY benchmarks/bench_train_step.py ;;
-      memory7b) stage memory7b 70 $PY benchmarks/bench_train_step.py --memory-7b ;;
-      kernels)  stage kernels 90 $PY benchmarks/bench_kernels.py --tokens 4096 16384 ;;
+      memory7b) stage memory7b 65 $PY benchmarks/bench_train_step.py --memory-7b ;;
+      kernels)  stage kernels 80 $PY benchmarks/bench_kernels.py --tokens 4096 16384 ;;
       model)    stage model 90 $PY benchmarks/bench_model.py --models 3b,7b ;;
       *) echo "unknown stage $s" ;;
     esac
