@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionFn
 from .config import ModelConfig
-from .rope import apply_rotary, mrope_cos_sin
+from .rope import apply_rotary_tables, mrope_cos_sin, rotary_tables
 
 
 class RMSNorm(nn.Module):
@@ -26,6 +26,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # the same ops in one call (a decode step runs five norms of a few rows each)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -43,11 +46,12 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionFn,
                 layer_idx: int) -> torch.Tensor:
+        """cos, sin: rope.rotary_tables (N, 1, D)."""
         n = x.shape[0]
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        out = attn(layer_idx, apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v)  # (N, Hq, D)
+        out = attn(layer_idx, apply_rotary_tables(q, cos, sin), apply_rotary_tables(k, cos, sin), v)  # (N, Hq, D)
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 
 
@@ -98,7 +102,7 @@ class TextModel(nn.Module):
         if positions.shape != (3, embeds.shape[0]):
             raise ValueError(f"positions must be (3, {embeds.shape[0]}), got {tuple(positions.shape)}")
         cfg = self.cfg
-        cos, sin = mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, embeds.dtype)
+        cos, sin = rotary_tables(*mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, embeds.dtype))
         x = embeds
         for layer in self.layers:
             if gradient_checkpointing and torch.is_grad_enabled():

@@ -131,7 +131,10 @@ class QwenVLModel(ModelCosts, nn.Module):
 
 
 def _image_key(pixels: torch.Tensor, grid: list[int]) -> tuple:
-    """Content hash of one image's patches (bytes of the tensor), plus grid and dtype."""
+    """Content hash of one image's patches (bytes of the tensor), plus grid and dtype.
+
+    SHA-256 over the tensor's own buffer (no bytes copy): CPUs with SHA extensions hash about twice
+    as fast as blake2b, and an image of 1,000 merged tokens is ~15 MB of float32 patches."""
     data = pixels.detach().contiguous().cpu()
-    digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
+    digest = hashlib.sha256(data.view(torch.uint8).numpy()).hexdigest()[:32]
     return digest, tuple(grid), str(pixels.dtype)

@@ -11,12 +11,8 @@ import torch
 from rlpt_fast.model.attention import AttentionFn
 from rlpt_fast.rollout import decode_attention as dec
 from rlpt_fast.rollout import kv_store
-from rlpt_fast.rollout.cascade_attention import (
-    CascadeMeta,
-    PrefixGroups,
-    cascade_decode_attention,
-    cascade_decode_attention_triton,
-)
+from rlpt_fast.rollout.cascade_attention import CascadeMeta, PrefixGroups, cascade_decode_attention_triton
+from rlpt_fast.rollout.cascade_torch import cascade_decode_attention
 from rlpt_fast.rollout.prefill_attention import PrefillMeta, prefill_attention
 
 
@@ -38,7 +34,8 @@ def choose_backend(device: torch.device, preference: str = "auto") -> Backend:
 class DecodeMeta:
     """slot_mapping (B,) int64 (-1: padding row); block_tables (B, W) int32; context_lens (B,)
     int32; num_splits / max_context are host ints fixed per batch shape (CUDA-graph safe);
-    cascade / groups: the shared-prefix grouping (torch / Triton backend)."""
+    cascade / groups: the shared-prefix grouping (torch / Triton backend); padded: whether
+    slot_mapping may hold padding rows (the torch backend then checks them at every layer)."""
     slot_mapping: torch.Tensor
     block_tables: torch.Tensor
     context_lens: torch.Tensor
@@ -46,6 +43,7 @@ class DecodeMeta:
     max_context: int
     cascade: CascadeMeta | None = None   # torch backend: forked groups read their shared prompt once
     groups: PrefixGroups | None = None   # the same for the Triton backend
+    padded: bool = True                  # slot_mapping may hold -1 (False: the runner built every row)
 
 
 def paged_attention(kv_cache: torch.Tensor, backend: Backend, meta: DecodeMeta | None,
@@ -56,7 +54,14 @@ def paged_attention(kv_cache: torch.Tensor, backend: Backend, meta: DecodeMeta |
 
     def attn(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = kv_cache[0, layer_idx], kv_cache[1, layer_idx]
-        backend.store_kv(k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping)
+        if backend.name == "torch" and meta is not None and "rows" in gathered:
+            # every row is real (no -1) and layer 0's store checked the shapes: store directly
+            k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, gathered["rows"], k)
+            v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, gathered["rows"], v)
+        else:
+            backend.store_kv(k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping)
+            if backend.name == "torch" and meta is not None and not meta.padded:
+                gathered["rows"] = slot_mapping.long()
         if prefill is not None:
             return prefill_attention(q, k, v, k_cache, v_cache, prefill, scale)
         if backend.name == "triton" and meta.groups is not None:
@@ -68,7 +73,7 @@ def paged_attention(kv_cache: torch.Tensor, backend: Backend, meta: DecodeMeta |
                                             scale, meta.num_splits, meta.max_context)
         if meta.cascade is not None:
             return cascade_decode_attention(q, k_cache, v_cache, meta.cascade, scale, gathered, layer_idx, (k, v))
-        if not gathered:
+        if "all" not in gathered:
             gathered["all"] = dec.context_slots(meta.block_tables, meta.context_lens, k_cache.shape[1])
         return dec.attend_slots(q, k_cache, v_cache, *gathered["all"], scale)
 

@@ -7,8 +7,8 @@ context of each row splits into
     suffix: the rest of its own context (its partial prompt block and its own tokens)
 and the two partial softmaxes are merged by their log-sum-exp:
     out = (o_p * exp(lse_p - m) + o_s * exp(lse_s - m)) / (exp(lse_p - m) + exp(lse_s - m)).
-Two implementations with the same math: torch (gather + batched matmuls; the torch backend) and
-Triton (the backend on GPUs): the per-row split kernel of decode_attention reads each row's own
+Two implementations with the same math: torch (cascade_torch.py: dense copies + batched matmuls;
+the backend on CPUs) and Triton (the backend on GPUs): the per-row split kernel of decode_attention reads each row's own
 tokens from `starts`, a prefix kernel gives each (group, member chunk, KV head, prefix split)
 program up to BLOCK_M query rows (members x grouped heads, so the dots are real matrix products),
 and the combine kernel merges all partials.
@@ -21,14 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from rlpt_fast.rollout.decode_attention import (
-    _attend,
-    choose_num_splits,
-    combine_partials,
-    context_slots,
-    decode_partials,
-    gather_slots,
-)
+from rlpt_fast.rollout.cascade_torch import cascade_decode_attention  # noqa: F401 (the torch form)
+from rlpt_fast.rollout.decode_attention import _attend, choose_num_splits, combine_partials, decode_partials
 
 
 @dataclass
@@ -38,7 +32,10 @@ class CascadeMeta:
     suffix_tables (B, Ws) int64 and suffix_lens (B,) (>= 1): each row's remaining blocks/tokens;
     row_member (B,) int64: index of the row in members.flatten(), or NG*M if it has no group.
     suffix_start: host list, tokens each row leaves to its group's prefix; starts: the same (B,)
-    int32 on the device; member_counts: host list, members of each group."""
+    int32 on the device; member_counts: host list, members of each group. Host copies for the
+    torch path: prefix_lens_host, suffix_lens_host, tables_host (each group's prefix blocks, then
+    each row's suffix blocks, unpadded); block_size; in_order: members is exactly
+    arange(B).view(NG, M) (every row grouped, groups in row order, as a fork lays them out)."""
     prefix_tables: torch.Tensor
     prefix_lens: torch.Tensor
     members: torch.Tensor
@@ -48,15 +45,21 @@ class CascadeMeta:
     suffix_start: list[int]
     starts: torch.Tensor
     member_counts: list[int]
-    # torch path: each layer's gathered prefix K/V, kept while the grouping lives (shared full
-    # blocks are never written: copy-on-write), shared by the with_lens copies
+    prefix_lens_host: list[int]
+    suffix_lens_host: list[int]
+    tables_host: tuple[list[list[int]], list[list[int]]]
+    block_size: int
+    in_order: bool
+    # torch path: each layer's dense K/V copies, kept while the grouping lives (shared full blocks
+    # are never written: copy-on-write), shared by the with_lens copies
     prefix_kv: dict = field(default_factory=dict)
 
     def with_lens(self, lens: list[int]) -> CascadeMeta:
         """The same grouping for the next step of the same rows (block tables unchanged): contexts
         only grow, so the shared prefixes stay valid; only the suffix lengths move."""
-        suffix = torch.tensor([n - s for n, s in zip(lens, self.suffix_start)])
-        return replace(self, suffix_lens=suffix.to(self.suffix_lens.device, non_blocking=True))
+        host = [n - s for n, s in zip(lens, self.suffix_start)]
+        suffix = torch.tensor(host)
+        return replace(self, suffix_lens=suffix.to(self.suffix_lens.device, non_blocking=True), suffix_lens_host=host)
 
 
 def build_cascade(tables: list[list[int]], lens: list[int], block_size: int, device) -> CascadeMeta | None:
@@ -88,86 +91,15 @@ def build_cascade(tables: list[list[int]], lens: list[int], block_size: int, dev
         for j, r in enumerate(rows):
             skip[r], row_member[r] = n, g * m + j
     pad = lambda ts: [t + [0] * (max(map(len, ts)) - len(t)) for t in ts]
-    prefix = pad([tables[rows[0]][:n] for rows, n in shared])
-    suffix = pad([t[s:] for t, s in zip(tables, skip)])
+    prefix_host, suffix_host = [tables[rows[0]][:n] for rows, n in shared], [t[s:] for t, s in zip(tables, skip)]
+    prefix, suffix = pad(prefix_host), pad(suffix_host)
     as_t = lambda x: torch.tensor(x, dtype=torch.long).to(device, non_blocking=True)
     start = [s * block_size for s in skip]
-    return CascadeMeta(as_t(prefix), as_t([n * block_size for _, n in shared]), as_t(members), as_t(suffix),
-                       as_t([n - s for n, s in zip(lens, start)]), as_t(row_member), start,
-                       as_t(start).int(), [len(rows) for rows, _ in shared])
-
-
-def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float):
-    """q (X, Hkv, Q, D), k/v (X, Hkv, T, D), bias (X, 1, 1, T) float: 0 or -inf (None: all keys
-    valid), >= 1 valid key per row -> (out (X, Hkv, Q, D), lse (X, Hkv, Q)).
-    One exp pass: p = exp(s - max), lse = max + log sum p. An additive bias, not masked_fill:
-    the broadcast add is several times faster on the CPU."""
-    s = torch.matmul(q * scale, k.transpose(-1, -2))
-    if bias is not None:
-        s = s.add_(bias)
-    m = s.amax(-1, keepdim=True)
-    p = s.sub_(m).exp_()
-    total = p.sum(-1, keepdim=True)
-    return torch.matmul(p, v).div_(total), (m + total.log()).squeeze(-1)
-
-
-def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                             meta: CascadeMeta, scale: float, gathered: dict | None = None,
-                             layer: int | None = None, new_kv: tuple[torch.Tensor, torch.Tensor] | None = None
-                             ) -> torch.Tensor:
-    """q (B, Hq, D); caches (num_blocks, block_size, Hkv, D) -> (B, Hq, D), computed in float32.
-    gathered: a dict reused across layers to hold the slot indices (computed once per step);
-    layer: key under which gathered K/V are kept in meta.prefix_kv across the steps of one grouping:
-    the prefix as is, and a dense copy of each row's suffix that new_kv (this step's k, v: (B, Hkv,
-    D), already stored in the cache) extends by one token per step, so a step gathers nothing."""
-    b, hq, d = q.shape
-    bs, hkv = k_cache.shape[1], k_cache.shape[2]
-    grp = hq // hkv
-    if gathered is None or not gathered:
-        gathered = {} if gathered is None else gathered
-        for part, tables, lens in (("prefix", meta.prefix_tables, meta.prefix_lens),
-                                   ("suffix", meta.suffix_tables, meta.suffix_lens)):
-            slots, valid = context_slots(tables, lens, bs)
-            bias = None if bool(valid.all()) else torch.zeros(valid.shape, device=q.device).masked_fill_(
-                ~valid, float("-inf"))[:, None, None, :]
-            gathered[part] = slots, bias
-        gathered["suffix_pos"] = torch.arange(b, device=q.device), meta.suffix_lens - 1
-    kv = lambda cache, slots: gather_slots(cache, slots).transpose(1, 2).float()  # (X, Hkv, T, D)
-    qf = q.float()
-    # shared prefixes: all member queries of a group against the group's blocks, once
-    ng, m = meta.members.shape
-    qg = torch.cat([qf, qf.new_zeros(1, hq, d)])[meta.members]                     # (NG, M, Hq, D)
-    qg = qg.view(ng, m, hkv, grp, d).permute(0, 2, 1, 3, 4).reshape(ng, hkv, m * grp, d)
-    slots, bias = gathered["prefix"]
-    if layer is None or layer not in meta.prefix_kv:
-        kp, vp = kv(k_cache, slots).contiguous(), kv(v_cache, slots).contiguous()
-        if layer is not None:
-            meta.prefix_kv[layer] = kp, vp
-    else:
-        kp, vp = meta.prefix_kv[layer]
-    o_p, lse_p = _partial(qg, kp, vp, bias, scale)
-    o_p = o_p.view(ng, hkv, m, grp, d).permute(0, 2, 1, 3, 4).reshape(ng * m, hq, d)
-    lse_p = lse_p.view(ng, hkv, m, grp).permute(0, 2, 1, 3).reshape(ng * m, hq)
-    o_p = torch.cat([o_p, o_p.new_zeros(1, hq, d)])[meta.row_member]              # (B, Hq, D)
-    lse_p = torch.cat([lse_p, lse_p.new_full((1, hq), float("-inf"))])[meta.row_member]
-    # each row's own remainder
-    slots, bias = gathered["suffix"]
-    key = ("suffix", layer)
-    if layer is None or new_kv is None:
-        ks, vs = kv(k_cache, slots), kv(v_cache, slots)
-    elif key not in meta.prefix_kv:  # the gather includes this step's token (stored before attention)
-        ks, vs = meta.prefix_kv[key] = kv(k_cache, slots).contiguous(), kv(v_cache, slots).contiguous()
-    else:  # the table is unchanged, so every row's new token falls inside the copy's width
-        ks, vs = meta.prefix_kv[key]
-        rows, pos = gathered["suffix_pos"]
-        ks[rows, :, pos] = new_kv[0].float()
-        vs[rows, :, pos] = new_kv[1].float()
-    o_s, lse_s = _partial(qf.view(b, hkv, grp, d), ks, vs, bias, scale)
-    o_s, lse_s = o_s.reshape(b, hq, d), lse_s.reshape(b, hq)
-    mx = torch.maximum(lse_p, lse_s)
-    w_p, w_s = (lse_p - mx).exp(), (lse_s - mx).exp()                              # lse_s is finite
-    out = (o_p * w_p[..., None] + o_s * w_s[..., None]) / (w_p + w_s)[..., None]
-    return out.to(q.dtype)
+    prefix_lens, suffix_lens = [n * block_size for _, n in shared], [n - s for n, s in zip(lens, start)]
+    in_order = [r for row in members for r in row] == list(range(b))
+    return CascadeMeta(as_t(prefix), as_t(prefix_lens), as_t(members), as_t(suffix), as_t(suffix_lens),
+                       as_t(row_member), start, as_t(start).int(), [len(rows) for rows, _ in shared],
+                       prefix_lens, suffix_lens, (prefix_host, suffix_host), block_size, in_order)
 
 
 BLOCK_M = 64  # query rows (members x grouped heads) per prefix program

@@ -20,12 +20,13 @@ import torch
 
 from rlpt_fast.rollout.attention import DecodeMeta, choose_backend, paged_attention
 from rlpt_fast.rollout.cascade_attention import build_cascade, prefix_groups
+from rlpt_fast.rollout.cascade_torch import carry_dense_kv
 from rlpt_fast.rollout.config import EngineConfig
 from rlpt_fast.rollout.decode_attention import choose_num_splits
 from rlpt_fast.rollout.kv_cache import count_blocks
 from rlpt_fast.rollout.params import Request, SamplingParams
 from rlpt_fast.rollout.prefill_attention import PrefillMeta
-from rlpt_fast.rollout.sampler import SamplingTensors, sample
+from rlpt_fast.rollout.sampler import RowParams, SamplingTensors, sample
 from rlpt_fast.rollout.scheduler import Batch
 from rlpt_fast.rollout.sequence import Sequence
 
@@ -58,6 +59,9 @@ class ModelRunner:
         self._tables_changed = True
         self._cascade = None  # the shared-prefix grouping, rebuilt when block tables change
         self._groups = None   # its Triton form
+        self._row_key, self._row_params = None, None  # sampling parameters of the last batch's rows
+        # the last decode step's inputs, its sequences (None: the next step rebuilds) and samples
+        self._inputs, self._inputs_ids, self._last_tokens = None, None, None
         self.num_blocks = count_blocks(model, config, self.block_bytes, self.device)
         self.kv_cache = torch.zeros(2, self.num_layers, self.num_blocks, config.block_size, self.num_kv_heads,
                                     self.head_dim, dtype=self.dtype, device=self.device)
@@ -89,6 +93,9 @@ class ModelRunner:
 
     def clear_requests(self) -> None:
         self.requests.clear()
+        self._row_key, self._row_params = None, None
+        self._inputs, self._inputs_ids, self._last_tokens = None, None, None
+        self._tables_host, self._cascade = [], None
 
     # -- one step ---------------------------------------------------------------------------
     def run(self, batch: Batch) -> list[list[tuple[int, float]]]:
@@ -100,6 +107,7 @@ class ModelRunner:
         if logits is None:
             return [[] for _ in batch.seqs]
         tokens, logprobs = sample(logits, self._sampling_tensors(batch))
+        self._last_tokens = tokens
         flat = torch.stack([tokens.double(), logprobs.double()]).cpu().tolist()  # the step's one host sync
         out, i = [], 0
         for k in batch.num_samples:
@@ -108,13 +116,17 @@ class ModelRunner:
         return out
 
     def _sampling_tensors(self, batch: Batch) -> SamplingTensors:
-        rows = []
-        for seq, k in zip(batch.seqs, batch.num_samples):
-            st = self.requests[seq.request_index]
-            p = st.params
-            for j in range(k):
-                rows.append((p.temperature, p.top_k, p.top_p, st.seed, seq.sample_index + j, seq.num_tokens))
-        return SamplingTensors.from_rows(rows, self.device)
+        """The rows' fixed parameters are rebuilt only when the batch's sequences change (sequence
+        ids are never reused); a step adds the positions."""
+        key = ([s.seq_id for s in batch.seqs], batch.num_samples)
+        if key != self._row_key:
+            rows = []
+            for seq, k in zip(batch.seqs, batch.num_samples):
+                st = self.requests[seq.request_index]
+                p = st.params
+                rows += [(p.temperature, p.top_k, p.top_p, st.seed, seq.sample_index + j) for j in range(k)]
+            self._row_key, self._row_params = key, RowParams.from_rows(rows, self.device)
+        return self._row_params.at([s.num_tokens for s, k in zip(batch.seqs, batch.num_samples) for _ in range(k)])
 
     def _slot(self, seq: Sequence, pos: int) -> int:
         bs = self.config.block_size
@@ -122,6 +134,7 @@ class ModelRunner:
 
     def _prefill(self, batch: Batch) -> torch.Tensor | None:
         self._tables_host = []  # the next decode rebuilds its grouping (and the copies it keeps)
+        self._inputs_ids = None  # and its inputs: the running sequences did not move this step
         ids, pos, slots, ctx_slots, image_rows, cu, last_rows = [], [], [], [], [], [0], []
         for seq, chunk, k in zip(batch.seqs, batch.chunk_lens, batch.num_samples):
             st = self.requests[seq.request_index]
@@ -170,32 +183,49 @@ class ModelRunner:
 
     def _decode(self, batch: Batch) -> torch.Tensor:
         seqs, bs = batch.seqs, self.config.block_size
-        dev = self.device
         lens = [s.num_tokens for s in seqs]
-        inputs = [[s.last_token for s in seqs], [n - 1 + self.requests[s.request_index].delta for s, n in zip(seqs, lens)],
-                  [self._slot(s, n - 1) for s, n in zip(seqs, lens)], lens]
-        inputs = torch.tensor(inputs)                                    # (4, B): ids, position, slot, length
-        inputs = (inputs.pin_memory() if self.on_cuda else inputs).to(dev, non_blocking=True)
+        ids = [s.seq_id for s in seqs]
+        same_rows, self._inputs_ids = ids == self._inputs_ids, ids  # the previous step ran these sequences
         tables = self._block_tables(seqs)
-        cascade = self._cascade_for(seqs, lens)
+        inputs = self._decode_inputs(seqs, lens, same_rows)
+        cascade = self._cascade_for(seqs, lens, same_rows)
         if self.graphs is not None and self.graphs.fits(len(seqs)):
             return self.graphs.run(inputs, tables, cascade)
         meta = DecodeMeta(inputs[2], tables, inputs[3].int(),
                           choose_num_splits(len(seqs), self.num_kv_heads, max(lens), self.num_sms),
-                          tables.shape[1] * bs)
+                          tables.shape[1] * bs, padded=False)
         if cascade is not None and self.backend.name == "torch":
             meta.cascade = cascade
         elif cascade is not None:
             meta.groups = self._groups
         return self.decode_logits(inputs[0], inputs[1].expand(3, -1), meta)
 
-    def _cascade_for(self, seqs: list[Sequence], lens: list[int]):
+    def _decode_inputs(self, seqs: list[Sequence], lens: list[int], same_rows: bool) -> torch.Tensor:
+        """(4, B) int64 on the device: token ids, positions, slots, context lengths. When the same
+        sequences ran the previous step (a decode step) and no block table changed, every row
+        moved one token within its block: the previous tensor plus one, and the sampled tokens
+        (still on the device) as ids; nothing is built on the host."""
+        if same_rows and not self._tables_changed:
+            self._inputs[1:].add_(1)
+            self._inputs[0].copy_(self._last_tokens)
+            return self._inputs
+        rows = [[s.last_token for s in seqs], [n - 1 + self.requests[s.request_index].delta for s, n in zip(seqs, lens)],
+                [self._slot(s, n - 1) for s, n in zip(seqs, lens)], lens]
+        inputs = torch.tensor(rows)
+        self._inputs = (inputs.pin_memory() if self.on_cuda else inputs).to(self.device, non_blocking=True)
+        return self._inputs
+
+    def _cascade_for(self, seqs: list[Sequence], lens: list[int], same_rows: bool):
         """The shared-prefix grouping of this decode batch (None: nothing shared, or turned off),
-        rebuilt only when the block tables changed (see _block_tables)."""
+        rebuilt only when the block tables changed (see _block_tables). For the same rows the
+        torch path carries its dense K/V copies over to the new grouping where they still hold."""
         if not self.config.cascade_decode:
             return None
         if self._tables_changed or self._cascade is None:
+            old = self._cascade
             self._cascade = build_cascade([s.block_table for s in seqs], lens, self.config.block_size, self.device)
+            if same_rows and old is not None and self._cascade is not None and self.backend.name == "torch":
+                carry_dense_kv(old, self._cascade)
             if self._cascade is not None and self.backend.name == "triton":
                 group = self.model.config.num_attention_heads // self.num_kv_heads
                 self._groups = prefix_groups(self._cascade, group, self.num_kv_heads, self.num_sms)

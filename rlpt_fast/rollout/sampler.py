@@ -27,7 +27,8 @@ class SamplingTensors:
     """Per row (R,): temperature f32 (0 = greedy), top_k int64 (0 = off), top_p f32 (1 = off),
     u f32: the row's uniform in (0, 1) (see `uniform`). Host bools: `filtered`, some sampled row
     uses top-k or top-p (the batch needs a sort); `greedy` / `sampled`, some row is / is not greedy
-    (so an all-greedy or all-sampled batch skips the other path)."""
+    (so an all-greedy or all-sampled batch skips the other path); `scaled`, some sampled row has a
+    temperature other than 1 (else the logits are not divided)."""
     temperature: torch.Tensor
     top_k: torch.Tensor
     top_p: torch.Tensor
@@ -35,19 +36,44 @@ class SamplingTensors:
     filtered: bool
     greedy: bool = True
     sampled: bool = True
+    scaled: bool = True
 
     @classmethod
     def from_rows(cls, rows: list[tuple[float, int, float, int, int, int]], device) -> SamplingTensors:
         """rows: (temperature, top_k, top_p, seed, sample_index, position) per row."""
-        cols = list(zip(*rows))
-        u = uniform(np.array(cols[3], dtype=np.uint64), np.array(cols[4], dtype=np.uint64),
-                    np.array(cols[5], dtype=np.uint64))
-        floats = torch.from_numpy(np.stack([np.array(cols[0]), np.array(cols[2]), u]).astype(np.float32))
-        floats = floats.to(device, non_blocking=True)                              # (3, R)
-        top_k = torch.tensor(cols[1], dtype=torch.int64).to(device, non_blocking=True)
-        filtered = any(t > 0 and (k > 0 or p < 1.0) for t, k, p, *_ in rows)
-        greedy = any(t == 0 for t in cols[0])
-        return cls(floats[0], top_k, floats[1], floats[2], filtered, greedy, not all(t == 0 for t in cols[0]))
+        return RowParams.from_rows([r[:5] for r in rows], device).at([r[5] for r in rows])
+
+
+@dataclass
+class RowParams:
+    """What stays fixed for a row while a batch keeps its sequences: its filters on the device and
+    the key of its random stream (seed and sample index hashed, see `row_keys`). A decode step only
+    adds each row's position (`at`), so the engine builds this once per batch composition."""
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    keys: np.ndarray
+    filtered: bool
+    greedy: bool
+    sampled: bool
+    scaled: bool
+
+    @classmethod
+    def from_rows(cls, rows: list[tuple[float, int, float, int, int]], device) -> RowParams:
+        """rows: (temperature, top_k, top_p, seed, sample_index) per row."""
+        temp, top_k, top_p, seed, index = zip(*rows)
+        floats = torch.from_numpy(np.array([temp, top_p], dtype=np.float32)).to(device, non_blocking=True)
+        sampled = [(t, k, p) for t, k, p in zip(temp, top_k, top_p) if t != 0]
+        return cls(floats[0], torch.tensor(top_k, dtype=torch.int64).to(device, non_blocking=True), floats[1],
+                   row_keys(np.array(seed, dtype=np.uint64), np.array(index, dtype=np.uint64)),
+                   filtered=any(k > 0 or p < 1.0 for _, k, p in sampled), greedy=len(sampled) < len(rows),
+                   sampled=bool(sampled), scaled=any(t != 1.0 for t, _, _ in sampled))
+
+    def at(self, positions: list[int]) -> SamplingTensors:
+        """The step's tensors for rows at these positions (tokens so far, one per row)."""
+        u = torch.from_numpy(uniform_at(self.keys, np.array(positions, dtype=np.uint64)).astype(np.float32))
+        return SamplingTensors(self.temperature, self.top_k, self.top_p, u.to(self.temperature.device, non_blocking=True),
+                               self.filtered, self.greedy, self.sampled, self.scaled)
 
 
 def _mix32(x: np.ndarray) -> np.ndarray:
@@ -61,10 +87,19 @@ def _mix32(x: np.ndarray) -> np.ndarray:
 
 def uniform(seed: np.ndarray, sample_index: np.ndarray, position: np.ndarray) -> np.ndarray:
     """(R,) uint64 keys -> (R,) float64 uniforms in (0, 1), a pure function of the keys."""
+    return uniform_at(row_keys(seed, sample_index), position)
+
+
+def row_keys(seed: np.ndarray, sample_index: np.ndarray) -> np.ndarray:
+    """The part of `uniform` that depends on the row alone: (R,) uint64 -> (R,) uint64 (32-bit)."""
     x = _mix32(seed & _M32)
     x = _mix32(x ^ ((seed >> np.uint64(32)) & _M32))
-    x = _mix32(x ^ (sample_index & _M32))
-    x = _mix32(x ^ (position & _M32))
+    return _mix32(x ^ (sample_index & _M32))
+
+
+def uniform_at(keys: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """`uniform` from row_keys and positions: (R,) uint64 each -> (R,) float64 in (0, 1)."""
+    x = _mix32(keys ^ (position & _M32))
     # the top 24 bits, centred: float32 holds them exactly, so u is never 0 or 1 on the device
     return ((_mix32(x ^ np.uint64(0x5BD1E995)) >> np.uint64(8)).astype(np.float64) + 0.5) / 2.0**24
 
@@ -86,10 +121,13 @@ def filter_logits(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 def sample(logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (R, V) any float dtype -> (tokens (R,) int64, logprobs (R,) float32)."""
     logits = logits.float()
-    greedy = st.temperature == 0
-    scaled = logits / torch.where(greedy, 1.0, st.temperature)[:, None]
-    if st.filtered:
-        scaled = filter_logits(scaled, torch.where(greedy, 0, st.top_k), torch.where(greedy, 1.0, st.top_p))
+    greedy = st.temperature == 0 if st.greedy else None
+    scaled = logits
+    if st.scaled:
+        scaled = logits / (torch.where(greedy, 1.0, st.temperature) if st.greedy else st.temperature)[:, None]
+    if st.filtered:  # greedy rows: no filter
+        scaled = filter_logits(scaled, *((torch.where(greedy, 0, st.top_k), torch.where(greedy, 1.0, st.top_p))
+                                         if st.greedy else (st.top_k, st.top_p)))
     logp = scaled.log_softmax(-1)                                                    # (R, V)
     if not st.sampled:
         tokens = logits.argmax(-1)

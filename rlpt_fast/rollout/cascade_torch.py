@@ -1,0 +1,164 @@
+"""Cascade decode attention in torch: the backend on CPUs and the reference of the Triton version.
+
+Same math as cascade_attention.py (each row's context = its group's shared prefix + its own
+suffix, two partial softmaxes merged by their maxima), shaped for a CPU, where a decode step of a
+small model is dominated by the number of ops, not by bytes:
+- the group's prefix K/V and each row's suffix K/V are gathered from the paged cache ONCE per
+  grouping (the grouping lives until a block table changes), as dense float32 copies: K stored
+  transposed (X, Hkv, D, T) so both matmuls of a partial read contiguous rows;
+- a step only writes its new token into the suffix copies (a slice when every row's newest token
+  sits at the same column, as after a fork), then runs two matmul-softmax-matmul partials;
+- partials stay unnormalized (out, max, sum) and are merged once:
+      m = max(m_p, m_s),  out = (o_p e^(m_p-m) + o_s e^(m_s-m)) / (l_p e^(m_p-m) + l_s e^(m_s-m));
+- when the groups are the batch's rows in order (a fork lays them out that way), queries and
+  results change layout by a view/reshape instead of an index.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlpt_fast.rollout.decode_attention import context_slots, gather_slots
+
+
+@dataclass
+class _Step:
+    """Per step, shared by the layers: the suffix columns attended (width), the key mask of rows
+    whose suffix is shorter (bias (B, 1, 1, width) 0/-inf, None when all are equal) and where the
+    step's new token goes (column, or per-row positions when the rows differ)."""
+    width: int
+    bias: torch.Tensor | None
+    column: int | None
+    rows: torch.Tensor | None = None
+    pos: torch.Tensor | None = None
+
+
+def _plan(meta, device) -> _Step:
+    lens = meta.suffix_lens_host
+    width = max(lens)
+    if min(lens) == width:
+        return _Step(width, None, width - 1)
+    cols = torch.arange(width, device=device)
+    bias = torch.zeros(len(lens), width, device=device).masked_fill_(cols >= meta.suffix_lens[:, None], float("-inf"))
+    return _Step(width, bias[:, None, None, :], None, torch.arange(len(lens), device=device), meta.suffix_lens - 1)
+
+
+def _dense(cache: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """float32 copies of the tokens of each table: (X, Hkv, D, T) if transpose else (X, Hkv, T, D)."""
+    slots, _ = context_slots(tables, lens, cache.shape[1])
+    kv = gather_slots(cache, slots)                                                 # (X, T, Hkv, D)
+    return (kv.permute(0, 2, 3, 1) if transpose else kv.transpose(1, 2)).float().contiguous()
+
+
+def _prefix_bias(meta, device) -> torch.Tensor | None:
+    """(NG, 1, 1, Tp) 0/-inf over each group's padded prefix; None when all prefixes are as long."""
+    lens = meta.prefix_lens_host
+    width = meta.prefix_tables.shape[1] * meta.block_size
+    if min(lens) == width:
+        return None
+    cols = torch.arange(width, device=device)
+    return torch.zeros(len(lens), width, device=device).masked_fill_(
+        cols >= meta.prefix_lens[:, None], float("-inf"))[:, None, None, :]
+
+
+def _layer_kv(meta, k_cache, v_cache, layer, new_kv, step: _Step):
+    """(kp_t, vp, prefix bias), (ks_t, vs) of one layer: kept in meta.prefix_kv across the steps of
+    the grouping when layer and new_kv are given (the suffix extended by new_kv), else gathered for
+    this call. A gather already holds this step's token (stored before attention); its columns past
+    a row's length hold copies of the row's first token (finite, masked by the bias; never unwritten
+    cache rows, which may hold NaN) until later steps write them."""
+    keep = layer is not None and new_kv is not None
+    prefix = meta.prefix_kv.get(("prefix", layer)) if keep else None
+    if prefix is None:
+        prefix = (_dense(k_cache, meta.prefix_tables, meta.prefix_lens, True),
+                  _dense(v_cache, meta.prefix_tables, meta.prefix_lens, False), _prefix_bias(meta, k_cache.device))
+        if keep:
+            meta.prefix_kv[("prefix", layer)] = prefix
+    suffix = meta.prefix_kv.get(("suffix", layer)) if keep else None
+    if suffix is None:
+        suffix = (_dense(k_cache, meta.suffix_tables, meta.suffix_lens, True),
+                  _dense(v_cache, meta.suffix_tables, meta.suffix_lens, False))
+        if keep:
+            meta.prefix_kv[("suffix", layer)] = suffix
+        return prefix, suffix
+    ks_t, vs = suffix
+    k, v = new_kv
+    if step.column is not None:
+        ks_t[..., step.column].copy_(k)
+        vs[:, :, step.column].copy_(v)
+    else:
+        ks_t[step.rows, :, :, step.pos] = k.float()
+        vs[step.rows, :, step.pos] = v.float()
+    return prefix, suffix
+
+
+def carry_dense_kv(old, new) -> None:
+    """Moves old's kept dense copies into new, a grouping of the SAME rows after their block tables
+    changed (a row entered a new block): a group's prefix copy holds if its prefix blocks are the
+    same; a row's suffix copy holds if its suffix starts at the same token and its old suffix
+    blocks lead its new ones (the new block's columns are zeros until its tokens are written)."""
+    (old_p, old_s), (new_p, new_s) = old.tables_host, new.tables_host
+    same_prefix = old_p == new_p
+    same_suffix = old.suffix_start == new.suffix_start and all(n[:len(o)] == o for o, n in zip(old_s, new_s))
+    width = new.suffix_tables.shape[1] * new.block_size
+    for key, value in old.prefix_kv.items():
+        if key[0] == "prefix" and same_prefix:
+            new.prefix_kv[key] = value
+        elif key[0] == "suffix" and same_suffix and value[0].shape[-1] == width:
+            new.prefix_kv[key] = value
+        elif key[0] == "suffix" and same_suffix and value[0].shape[-1] < width:
+            ks_t, vs = value
+            grown_k = ks_t.new_zeros(*ks_t.shape[:-1], width)
+            grown_k[..., :ks_t.shape[-1]] = ks_t
+            grown_v = vs.new_zeros(vs.shape[0], vs.shape[1], width, vs.shape[3])
+            grown_v[:, :, :vs.shape[2]] = vs
+            new.prefix_kv[key] = grown_k, grown_v
+
+
+def _partial(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None):
+    """q (X, Hkv, Q, D) scaled, k_t (X, Hkv, D, T), v (X, Hkv, T, D), bias (X, 1, 1, T) or None ->
+    unnormalized (out (X, Hkv, Q, D), max (X, Hkv, Q, 1), sum (X, Hkv, Q, 1)). One exp pass; an
+    additive bias, not masked_fill: the broadcast add is several times faster on the CPU."""
+    s = torch.matmul(q, k_t)
+    if bias is not None:
+        s.add_(bias)
+    m = s.amax(-1, keepdim=True)
+    p = s.sub_(m).exp_()
+    return torch.matmul(p, v), m, p.sum(-1, keepdim=True)
+
+
+def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta,
+                             scale: float, gathered: dict | None = None, layer: int | None = None,
+                             new_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """q (B, Hq, D); caches (num_blocks, block_size, Hkv, D); meta: a CascadeMeta -> (B, Hq, D) in
+    q's dtype, computed in float32. gathered: a dict shared by the layers of one step (holds the
+    step's plan); layer and new_kv (this step's k, v (B, Hkv, D), already in the cache): keep the
+    dense K/V copies in meta.prefix_kv across the steps of one grouping and extend them by new_kv."""
+    b, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    grp = hq // hkv
+    if gathered is None or "plan" not in gathered:
+        gathered = {} if gathered is None else gathered
+        gathered["plan"] = _plan(meta, q.device)
+    step = gathered["plan"]
+    (kp_t, vp, pbias), (ks_t, vs) = _layer_kv(meta, k_cache, v_cache, layer, new_kv, step)
+    qs = q.float() * scale
+    ng, m = meta.members.shape
+    # shared prefixes: all member queries of a group (M members x grp heads) against its blocks, once
+    rows = qs if meta.in_order else torch.cat([qs, qs.new_zeros(1, hq, d)])[meta.members]
+    qg = rows.view(ng, m, hkv, grp, d).transpose(1, 2).reshape(ng, hkv, m * grp, d)
+    o_p, m_p, l_p = _partial(qg, kp_t, vp, pbias)
+    part = torch.cat([o_p, m_p, l_p], -1).view(ng, hkv, m, grp, d + 2).transpose(1, 2).reshape(ng * m, hkv, grp, d + 2)
+    if not meta.in_order:  # back to batch rows; rows of no group get an empty prefix (max -inf, sum 0)
+        empty = part.new_zeros(1, hkv, grp, d + 2)
+        empty[..., d] = float("-inf")
+        part = torch.cat([part, empty])[meta.row_member]
+    o_p, m_p, l_p = part[..., :d], part[..., d:d + 1], part[..., d + 1:]
+    # each row's own remainder (>= 1 token, so its max is finite)
+    w = step.width
+    o_s, m_s, l_s = _partial(qs.view(b, hkv, grp, d), ks_t[..., :w], vs[:, :, :w], step.bias)
+    mx = torch.maximum(m_p, m_s)
+    a, c = (m_p - mx).exp_(), (m_s - mx).exp_()
+    out = torch.addcmul(o_s * c, o_p, a).div_(torch.addcmul(l_s * c, l_p, a))
+    return out.view(b, hq, d).to(q.dtype)
