@@ -59,8 +59,11 @@ def inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
 
 @lru_cache(maxsize=64)
 def _inv_freq_cached(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
-    # a decode step of a small model is a few hundred tiny ops: these four need not be among them
-    return inv_freq(head_dim, theta, device)
+    # a decode step of a small model is a few hundred tiny ops: these four need not be among them.
+    # A normal tensor even when first asked for under inference mode (the engine's decode steps):
+    # training forwards use it too.
+    with torch.inference_mode(False):
+        return inv_freq(head_dim, theta, device)
 
 
 def mrope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, mrope_section: list[int],

@@ -103,10 +103,18 @@ class ModelRunner:
         if batch.copies:
             src, dst = (torch.tensor(x, device=self.device) for x in zip(*batch.copies))
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
-        logits = self._prefill(batch) if batch.is_prefill else self._decode(batch)
-        if logits is None:
-            return [[] for _ in batch.seqs]
-        tokens, logprobs = sample(logits, self._sampling_tensors(batch))
+        if batch.is_prefill:
+            logits = self._prefill(batch)
+            if logits is None:
+                return [[] for _ in batch.seqs]
+            tokens, logprobs = sample(logits, self._sampling_tensors(batch))
+        else:
+            # Eager decode (no CUDA graphs: the CPU) is a few hundred tiny ops per step, and
+            # inference mode takes the autograd bookkeeping off each (~12% of a CPU step). Only
+            # decode: prefill encodes the images that the trainer's forward reuses (they must
+            # stay normal tensors), and every tensor a decode step makes lives in the runner.
+            with torch.inference_mode(self.graphs is None):
+                tokens, logprobs = sample(self._decode(batch), self._sampling_tensors(batch))
         self._last_tokens = tokens
         flat = torch.stack([tokens.double(), logprobs.double()]).cpu().tolist()  # the step's one host sync
         out, i = [], 0
