@@ -34,14 +34,21 @@ class _Step:
     pos: torch.Tensor | None = None
 
 
-def _plan(meta, device) -> _Step:
+def _plan(meta, hkv: int, device) -> _Step:
     lens = meta.suffix_lens_host
     width = max(lens)
     if min(lens) == width:
         return _Step(width, None, width - 1)
+    return _Step(width, _bias(meta.suffix_lens, width, hkv, device), None, torch.arange(len(lens), device=device),
+                 meta.suffix_lens - 1)
+
+
+def _bias(lens: torch.Tensor, width: int, hkv: int, device) -> torch.Tensor:
+    """(X * hkv, 1, width) float: 0 for the first lens[x] columns, -inf after (each x repeated hkv
+    times, the flat batch of (X, Hkv) matrices)."""
     cols = torch.arange(width, device=device)
-    bias = torch.zeros(len(lens), width, device=device).masked_fill_(cols >= meta.suffix_lens[:, None], float("-inf"))
-    return _Step(width, bias[:, None, None, :], None, torch.arange(len(lens), device=device), meta.suffix_lens - 1)
+    bias = torch.zeros(lens.shape[0], width, device=device).masked_fill_(cols >= lens[:, None], float("-inf"))
+    return bias.repeat_interleave(hkv, 0)[:, None, :]
 
 
 def _dense(cache: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, transpose: bool) -> torch.Tensor:
@@ -51,15 +58,12 @@ def _dense(cache: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, transp
     return (kv.permute(0, 2, 3, 1) if transpose else kv.transpose(1, 2)).float().contiguous()
 
 
-def _prefix_bias(meta, device) -> torch.Tensor | None:
-    """(NG, 1, 1, Tp) 0/-inf over each group's padded prefix; None when all prefixes are as long."""
-    lens = meta.prefix_lens_host
+def _prefix_bias(meta, hkv: int, device) -> torch.Tensor | None:
+    """(NG * Hkv, 1, Tp) 0/-inf over each group's padded prefix; None when all prefixes are as long."""
     width = meta.prefix_tables.shape[1] * meta.block_size
-    if min(lens) == width:
+    if min(meta.prefix_lens_host) == width:
         return None
-    cols = torch.arange(width, device=device)
-    return torch.zeros(len(lens), width, device=device).masked_fill_(
-        cols >= meta.prefix_lens[:, None], float("-inf"))[:, None, None, :]
+    return _bias(meta.prefix_lens, width, hkv, device)
 
 
 def _layer_kv(meta, k_cache, v_cache, layer, new_kv, step: _Step):
@@ -72,7 +76,8 @@ def _layer_kv(meta, k_cache, v_cache, layer, new_kv, step: _Step):
     prefix = meta.prefix_kv.get(("prefix", layer)) if keep else None
     if prefix is None:
         prefix = (_dense(k_cache, meta.prefix_tables, meta.prefix_lens, True),
-                  _dense(v_cache, meta.prefix_tables, meta.prefix_lens, False), _prefix_bias(meta, k_cache.device))
+                  _dense(v_cache, meta.prefix_tables, meta.prefix_lens, False),
+                  _prefix_bias(meta, k_cache.shape[2], k_cache.device))
         if keep:
             meta.prefix_kv[("prefix", layer)] = prefix
     suffix = meta.prefix_kv.get(("suffix", layer)) if keep else None
@@ -116,16 +121,20 @@ def carry_dense_kv(old, new) -> None:
             new.prefix_kv[key] = grown_k, grown_v
 
 
-def _partial(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None):
-    """q (X, Hkv, Q, D) scaled, k_t (X, Hkv, D, T), v (X, Hkv, T, D), bias (X, 1, 1, T) or None ->
-    unnormalized (out (X, Hkv, Q, D), max (X, Hkv, Q, 1), sum (X, Hkv, Q, 1)). One exp pass; an
+def _partial(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+             floor: torch.Tensor | None = None):
+    """q (X, Q, D) scaled, k_t (X, D, T), v (X, T, D), bias (X, 1, T) or None: one batch of
+    (group or row, KV head) matrices -> unnormalized (out (X, Q, D), max (X, Q, 1), sum (X, Q, 1)).
+    floor (X, Q, 1): the max is raised to it (the merge's common stabilizer). One exp pass; an
     additive bias, not masked_fill: the broadcast add is several times faster on the CPU."""
-    s = torch.matmul(q, k_t)
+    s = torch.bmm(q, k_t)
     if bias is not None:
         s.add_(bias)
     m = s.amax(-1, keepdim=True)
+    if floor is not None:
+        m = torch.maximum(m, floor)
     p = s.sub_(m).exp_()
-    return torch.matmul(p, v), m, p.sum(-1, keepdim=True)
+    return torch.bmm(p, v), m, p.sum(-1, keepdim=True)
 
 
 def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta,
@@ -140,25 +149,26 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     grp = hq // hkv
     if gathered is None or "plan" not in gathered:
         gathered = {} if gathered is None else gathered
-        gathered["plan"] = _plan(meta, q.device)
+        gathered["plan"] = _plan(meta, hkv, q.device)
     step = gathered["plan"]
     (kp_t, vp, pbias), (ks_t, vs) = _layer_kv(meta, k_cache, v_cache, layer, new_kv, step)
     qs = q.float() * scale
     ng, m = meta.members.shape
+    tp, w = kp_t.shape[-1], step.width
     # shared prefixes: all member queries of a group (M members x grp heads) against its blocks, once
     rows = qs if meta.in_order else torch.cat([qs, qs.new_zeros(1, hq, d)])[meta.members]
-    qg = rows.view(ng, m, hkv, grp, d).transpose(1, 2).reshape(ng, hkv, m * grp, d)
-    o_p, m_p, l_p = _partial(qg, kp_t, vp, pbias)
-    part = torch.cat([o_p, m_p, l_p], -1).view(ng, hkv, m, grp, d + 2).transpose(1, 2).reshape(ng * m, hkv, grp, d + 2)
+    qg = rows.view(ng, m, hkv, grp, d).transpose(1, 2).reshape(ng * hkv, m * grp, d)
+    o_p, m_p, l_p = _partial(qg, kp_t.view(-1, d, tp), vp.view(-1, tp, d), pbias)
+    part = torch.cat([o_p, m_p, l_p], -1).view(ng, hkv, m, grp, d + 2).transpose(1, 2).reshape(ng * m, hkv * grp, d + 2)
     if not meta.in_order:  # back to batch rows; rows of no group get an empty prefix (max -inf, sum 0)
-        empty = part.new_zeros(1, hkv, grp, d + 2)
+        empty = part.new_zeros(1, hq, d + 2)
         empty[..., d] = float("-inf")
         part = torch.cat([part, empty])[meta.row_member]
-    o_p, m_p, l_p = part[..., :d], part[..., d:d + 1], part[..., d + 1:]
-    # each row's own remainder (>= 1 token, so its max is finite)
-    w = step.width
-    o_s, m_s, l_s = _partial(qs.view(b, hkv, grp, d), ks_t[..., :w], vs[:, :, :w], step.bias)
-    mx = torch.maximum(m_p, m_s)
-    a, c = (m_p - mx).exp_(), (m_s - mx).exp_()
-    out = torch.addcmul(o_s * c, o_p, a).div_(torch.addcmul(l_s * c, l_p, a))
-    return out.view(b, hq, d).to(q.dtype)
+    o_p, m_p, l_p = part[..., :d], part[..., d:d + 1], part[..., d + 1:]             # (B, Hq, .)
+    # each row's own remainder (>= 1 token, so its max is finite), exponentiated against the
+    # larger of both maxima: then only the prefix part needs rescaling
+    o_s, mx, l_s = _partial(qs.view(b * hkv, grp, d), ks_t[..., :w].view(-1, d, w), vs[:, :, :w].view(-1, w, d),
+                            step.bias, m_p.reshape(b * hkv, grp, 1))
+    a = (m_p - mx.view(b, hq, 1)).exp_()
+    out = torch.addcmul(o_s.view(b, hq, d), o_p, a).div_(torch.addcmul(l_s.view(b, hq, 1), l_p, a))
+    return out.to(q.dtype)
