@@ -73,9 +73,9 @@ def candidates_grpo(device: str) -> dict[str, Callable]:
             c["liger"] = lambda lg, i, a, m, o: triton_grpo_loss(
                 lg, o, o, i, a, m, temperature=1.0, beta=0.04, eps_low=0.2, eps_high=0.2,
                 inplace=True, loss_type="dapo", reduce=True)[0]
+    # ours takes logits already shifted, (B, T, V): bench_grpo hands it its own such tensor
     c["ours"] = lambda lg, i, a, m, o: rlpt_kernels.grpo_loss(
-        lg[:, :-1], i, a, m, old_logp=o, ref_logp=o, beta=0.04, loss_type="dapo",
-        inplace_backward=True)[0]
+        lg, i, a, m, old_logp=o, ref_logp=o, beta=0.04, loss_type="dapo", inplace_backward=True)[0]
     return c
 
 
@@ -94,11 +94,16 @@ def bench_grpo(report, tokens, V, device, dtype, ceilings):
     leaf = inputs[0].requires_grad_(True)
     moved = 3 * leaf.numel() * leaf.element_size()  # fwd read, bwd read + write
     floor_ms = moved / (ceilings.copy_gbps * 1e9) * 1e3
+    # Ours reads (B, T, V) logits that predict the ids (the caller shifts, as a model whose
+    # forward returns only the completion positions does): slicing logits[:, :-1] here would
+    # time a copy of the whole tensor and its backward, not the kernel.
+    shifted = inputs[0][:, :-1].detach().clone().requires_grad_(True)
     for name, fn in candidates_grpo(device).items():
-        # ours runs with inplace_backward: give it a non-leaf view, as an lm_head output is
-        def step(fn=fn, fresh=name == "ours"):
-            leaf.grad = None
-            fn(leaf * 1.0 if fresh else leaf, *inputs[1:]).backward()
+        x = shifted if name == "ours" else leaf
+
+        def step(fn=fn, x=x):  # liger and ours write the gradient over the logits (in place)
+            x.grad = None
+            fn(x, *inputs[1:]).backward()
         _row(report, "grpo_loss fwd+bwd", name, tokens, step, device, floor_ms, moved)
 
 

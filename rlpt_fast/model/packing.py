@@ -148,8 +148,10 @@ def default_backend(device: torch.device | str) -> str:
 def packed_attention(packed: PackedBatch, backend: str) -> AttentionFn:
     """AttentionFn(layer_idx, q (N, Hq, D), k (N, Hkv, D), v (N, Hkv, D)) -> (N, Hq, D) for the
     packed layout (GQA by head groups, scale 1/sqrt(D)). backend: "flex" or "sdpa"."""
-    if backend == "flex":
+    if backend == "flex" and packed.input_ids.numel() >= FLEX_MIN_TOKENS:
         return _flex_attention(packed)
+    if backend == "flex":
+        return _sdpa_attention(packed)
     if backend == "sdpa":
         return _sdpa_attention(packed)
     raise ValueError(f"packed_attention: backend must be 'flex' or 'sdpa', got {backend!r}")
@@ -176,6 +178,10 @@ def _sdpa_attention(packed: PackedBatch) -> AttentionFn:
 
 
 _COMPILED: dict[str, object] = {}
+# Under 128 queries inductor lowers FlexAttention to its decoding kernel, which has no training
+# (fp32, backward) variant: "NoValidChoicesError" on an H100 with torch 2.11. Such tiny packs
+# take SDPA, whose cost there is nothing.
+FLEX_MIN_TOKENS = 128
 
 
 def _flex_fns(device_type: str):

@@ -3,7 +3,7 @@ training forward against G separate forwards of the real model (log-probs and gr
 import pytest
 import torch
 
-from rlpt_fast.model.packing import Group, dense_mask, pack_groups, packed_attention
+from rlpt_fast.model.packing import FLEX_MIN_TOKENS, Group, dense_mask, pack_groups, packed_attention
 
 DELTA = 3  # a non-zero M-RoPE delta, so positions that forget it are caught
 
@@ -200,10 +200,13 @@ def test_packed_gradients_of_full_weights_equal_separate_forwards(model):
 
 
 @pytest.mark.gpu
-def test_flex_on_cuda_matches_sdpa_forward_and_backward():
-    """The compiled FlexAttention path (GPU only) against the SDPA path, fp32, with gradients."""
-    packed = pack_groups(RopeStub(), _groups() * 3).to("cuda")
+@pytest.mark.parametrize("copies", [3, 8])
+def test_flex_on_cuda_matches_sdpa_forward_and_backward(copies):
+    """The compiled FlexAttention path (GPU only) against the SDPA path, fp32, with gradients:
+    69 packed tokens (under FLEX_MIN_TOKENS: SDPA) and 184 (FlexAttention)."""
+    packed = pack_groups(RopeStub(), _groups() * copies).to("cuda")
     n = packed.input_ids.numel()
+    assert (n >= FLEX_MIN_TOKENS) == (copies == 8)
     gen = torch.Generator(device="cuda").manual_seed(2)
     qkv = [torch.randn(n, h, 64, device="cuda", generator=gen, requires_grad=True) for h in (8, 2, 2)]
     outs, grads = [], []
