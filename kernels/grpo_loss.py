@@ -18,20 +18,20 @@ import triton
 import triton.language as tl
 
 from .config import GRPOLossConfig, check_logits, check_loss_inputs, token_weights
-from .row_softmax import (block_config, bump_version, logprob_grad, row_lse, target_logit,
-                          write_row_grad)
+from .row_softmax import (block_config, bump_version, logprob_grad, row_layout, row_lse,
+                          row_offset, target_logit, write_row_grad)
 
 KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
 
 
 @triton.jit
-def _grpo_row_kernel(logits_ptr, stride_row, ids_ptr, adv_ptr, mask_ptr, weight_ptr, old_ptr,
+def _grpo_row_kernel(logits_ptr, T, stride_b, stride_t, ids_ptr, adv_ptr, mask_ptr, weight_ptr, old_ptr,
                      ref_ptr, loss_ptr, kl_ptr, clip_ptr, dlogp_ptr, lse_ptr,
                      V, inv_temp, beta, eps_low, eps_high,
                      HAS_OLD: tl.constexpr, USE_KL: tl.constexpr, KL_TYPE: tl.constexpr,
                      WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
+    row_ptr = logits_ptr + row_offset(row, T, stride_b, stride_t)
     m = tl.load(mask_ptr + row)
     active = m != 0.0
     target = tl.load(ids_ptr + row).to(tl.int64)
@@ -81,19 +81,19 @@ def grpo_rows(rows: torch.Tensor, ids: torch.Tensor, adv: torch.Tensor, mask: to
               cfg: GRPOLossConfig, write_grad: bool) -> dict[str, torch.Tensor]:
     """Launcher over flat rows.
 
-    rows: (R, V) logits, vocab dim contiguous; with write_grad=True they are overwritten by
+    rows: (..., V) logits of R rows in any row_layout; with write_grad=True they are overwritten by
     w_t * d loss_t / d logits (the gradient of the aggregated loss).  ids (R,) int;
     adv, mask, weight, old, ref: (R,) float32 contiguous (mask: 1.0 active, 0.0 skipped).
     Returns float32 (R,) tensors: loss, kl, clipped, dlogp, lse.
     """
-    R, V = rows.shape
-    assert rows.stride(-1) == 1, "vocab dim must be contiguous"
+    V = rows.shape[-1]
+    R = rows.numel() // V
     out = {k: torch.empty(R, dtype=torch.float32, device=rows.device)
            for k in ("loss", "kl", "clipped", "dlogp", "lse")}
     use_kl = cfg.uses_kl(ref)
     block, warps = block_config(V)
     _grpo_row_kernel[(R,)](
-        rows, rows.stride(0), ids, adv, mask, weight,
+        rows, *row_layout(rows), ids, adv, mask, weight,
         old if old is not None else adv, ref if use_kl else adv,
         out["loss"], out["kl"], out["clipped"], out["dlogp"], out["lse"],
         V, 1.0 / cfg.temperature, cfg.beta, cfg.eps_low, cfg.eps_high,
@@ -133,7 +133,8 @@ def stats_dict(stats: torch.Tensor) -> dict[str, float]:
 class _GRPOLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, token_ids, advantages, mask, old_logp, ref_logp, cfg, inplace):
-        rows = logits.reshape(-1, logits.shape[-1])
+        # 3-D logits keep their batch and row strides (logits[:, :-1] is not copied), others flatten
+        rows = logits if logits.dim() == 3 else logits.reshape(-1, logits.shape[-1])
         ids, adv, m, w, old, ref = flat_row_inputs(token_ids, advantages, mask, old_logp,
                                                    ref_logp, cfg)
         out = grpo_rows(rows, ids, adv, m, w, old, ref, cfg, write_grad=False)

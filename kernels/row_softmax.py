@@ -19,6 +19,30 @@ import triton.language as tl
 MAX_BLOCK_V = 4096
 
 
+def row_layout(t: torch.Tensor) -> tuple[int, int, int]:
+    """(T, stride_b, stride_t): row r of t's (..., V) rows starts at (r // T) * stride_b +
+    (r % T) * stride_t. Flattenable tensors are one block of rows (T = R); a 3-D tensor that is
+    not, such as logits[:, :-1] of a (B, T + 1, V) tensor, keeps its two strides: no copy.
+    Anything else needs .contiguous() first (ValueError)."""
+    if t.stride(-1) != 1:
+        raise ValueError(f"logits need a contiguous vocab dim, got strides {t.stride()}")
+    rows = t.numel() // t.shape[-1]
+    try:
+        return rows, 0, t.view(rows, t.shape[-1]).stride(0)
+    except RuntimeError:
+        pass
+    if t.dim() == 3:
+        return t.shape[1], t.stride(0), t.stride(1)
+    raise ValueError(f"logits of shape {tuple(t.shape)} and strides {t.stride()} are neither "
+                     f"flattenable nor 3-D: pass .contiguous()")
+
+
+@triton.jit
+def row_offset(row, T, stride_b, stride_t):
+    """Element offset of row `row` (int64) in a row_layout."""
+    return (row // T) * stride_b + (row % T) * stride_t
+
+
 def block_config(vocab: int) -> tuple[int, int]:
     """(BLOCK_V, num_warps) for a vocabulary size."""
     block = min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
@@ -70,12 +94,14 @@ def write_row_grad(row_ptr, grad_row_ptr, target, lse, scale, V, inv_temp, BLOCK
 
 
 @triton.jit
-def _logprob_grad_kernel(logits_ptr, stride_row, grad_ptr, stride_grad, ids_ptr, lse_ptr,
-                         coef_ptr, V, inv_temp, BLOCK_V: tl.constexpr):
+def _logprob_grad_kernel(logits_ptr, T, stride_b, stride_t, grad_ptr, grad_T, grad_stride_b,
+                         grad_stride_t, ids_ptr, lse_ptr, coef_ptr, V, inv_temp,
+                         BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(ids_ptr + row).to(tl.int64)
     scale = tl.where(target >= 0, tl.load(coef_ptr + row), 0.0)
-    write_row_grad(logits_ptr + row * stride_row, grad_ptr + row * stride_grad, target,
+    write_row_grad(logits_ptr + row_offset(row, T, stride_b, stride_t),
+                   grad_ptr + row_offset(row, grad_T, grad_stride_b, grad_stride_t), target,
                    tl.load(lse_ptr + row), scale, V, inv_temp, BLOCK_V)
 
 
@@ -83,15 +109,15 @@ def logprob_grad(logits: torch.Tensor, token_ids: torch.Tensor, lse: torch.Tenso
                  coef: torch.Tensor, temperature: float, out: torch.Tensor) -> torch.Tensor:
     """Writes coef[r] * d logp[r] / d logits[r, :] into out (which may alias logits).
 
-    logits, out: (R, V), any float dtype, last dim contiguous.  token_ids: (R,) int, < 0 ignored.
-    lse, coef: (R,) float32 contiguous.  Returns out.
+    logits, out: (..., V) of R rows in any row_layout, any float dtype.  token_ids: (R,) int,
+    < 0 ignored.  lse, coef: (R,) float32 contiguous.  Returns out.
     """
-    R, V = logits.shape
-    assert logits.stride(-1) == 1 and out.stride(-1) == 1, "vocab dim must be contiguous"
+    V = logits.shape[-1]
+    R = logits.numel() // V
     assert lse.is_contiguous() and coef.is_contiguous() and token_ids.is_contiguous()
     block, warps = block_config(V)
-    _logprob_grad_kernel[(R,)](logits, logits.stride(0), out, out.stride(0), token_ids, lse, coef,
-                               V, 1.0 / temperature, BLOCK_V=block, num_warps=warps)
+    _logprob_grad_kernel[(R,)](logits, *row_layout(logits), out, *row_layout(out), token_ids, lse,
+                               coef, V, 1.0 / temperature, BLOCK_V=block, num_warps=warps)
     return out
 
 

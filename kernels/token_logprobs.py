@@ -11,14 +11,15 @@ import triton
 import triton.language as tl
 
 from .config import check_logits
-from .row_softmax import block_config, bump_version, logprob_grad, row_lse, target_logit
+from .row_softmax import (block_config, bump_version, logprob_grad, row_layout, row_lse, row_offset,
+                          target_logit)
 
 
 @triton.jit
-def _token_logprobs_fwd_kernel(logits_ptr, stride_row, ids_ptr, logp_ptr, lse_ptr, V, inv_temp,
-                               BLOCK_V: tl.constexpr):
+def _token_logprobs_fwd_kernel(logits_ptr, T, stride_b, stride_t, ids_ptr, logp_ptr, lse_ptr, V,
+                               inv_temp, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
+    row_ptr = logits_ptr + row_offset(row, T, stride_b, stride_t)
     target = tl.load(ids_ptr + row).to(tl.int64)
     lse = row_lse(row_ptr, V, inv_temp, BLOCK_V)
     x_t = target_logit(row_ptr, target, V, inv_temp)
@@ -29,14 +30,15 @@ def _token_logprobs_fwd_kernel(logits_ptr, stride_row, ids_ptr, logp_ptr, lse_pt
 
 def token_logprobs_rows(logits: torch.Tensor, token_ids: torch.Tensor,
                         temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launcher. logits (R, V) with contiguous vocab dim; token_ids (R,). Returns (logp, lse) fp32."""
-    R, V = logits.shape
-    assert logits.stride(-1) == 1, "vocab dim must be contiguous"
+    """Launcher. logits (..., V) of R rows in any row_layout; token_ids (R,). Returns (logp, lse)
+    fp32, (R,) each."""
+    V = logits.shape[-1]
+    R = logits.numel() // V
     ids = token_ids.contiguous()
     logp = torch.empty(R, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(logp)
     block, warps = block_config(V)
-    _token_logprobs_fwd_kernel[(R,)](logits, logits.stride(0), ids, logp, lse, V,
+    _token_logprobs_fwd_kernel[(R,)](logits, *row_layout(logits), ids, logp, lse, V,
                                      1.0 / temperature, BLOCK_V=block, num_warps=warps)
     return logp, lse
 
@@ -44,7 +46,8 @@ def token_logprobs_rows(logits: torch.Tensor, token_ids: torch.Tensor,
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, token_ids, temperature, inplace_backward):
-        rows = logits.reshape(-1, logits.shape[-1])
+        # 3-D logits keep their batch and row strides (logits[:, :-1] is not copied), others flatten
+        rows = logits if logits.dim() == 3 else logits.reshape(-1, logits.shape[-1])
         ids = token_ids.reshape(-1)
         logp, lse = token_logprobs_rows(rows, ids, temperature)
         ctx.save_for_backward(rows, ids, lse)
