@@ -6,7 +6,7 @@ Two import packages come from this one distribution:
 The kernels live in kernels/ but install as `rlpt_kernels`: the name `kernels` belongs to another
 package that transformers imports.
 """
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 KERNEL_DEPS = [
     "torch>=2.11,<2.15",
@@ -27,6 +27,17 @@ rlpt_fast_packages = find_packages(include=["rlpt_fast", "rlpt_fast.*"])
 kernel_packages = ["rlpt_kernels"] + [
     "rlpt_kernels." + p for p in find_packages(where="kernels")
 ]
+
+# The scheduler's decode-step bookkeeping in C++ (plain CPython C API: no pybind11, no torch
+# headers). optional=True: without a compiler the install still succeeds and the engine uses the
+# Python path (rlpt_fast/rollout/host_path.py picks).
+host_extension = Extension(
+    "rlpt_fast._host",
+    sources=["csrc/host_path.cpp"],
+    language="c++",
+    extra_compile_args=["-O2", "-std=c++17"],
+    optional=True,
+)
 
 setup(
     name="rlpt-fast",
@@ -57,4 +68,5 @@ setup(
         "plots": ["matplotlib", "tensorboard"],
     },
     entry_points={"console_scripts": ["rlpt=rlpt_fast.cli:main"]},
+    ext_modules=[host_extension],
 )

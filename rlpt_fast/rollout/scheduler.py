@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from rlpt_fast.rollout import host_path
 from rlpt_fast.rollout.block_manager import BlockManager
 from rlpt_fast.rollout.sequence import Sequence, SequenceStatus
 
@@ -27,8 +28,10 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 4096
     max_model_len: int = 4096
     enable_chunked_prefill: bool = True
+    host_path: str = field(default_factory=host_path.default_mode)  # python | native | auto
 
     def __post_init__(self) -> None:
+        host_path.resolve(self.host_path)  # fails here, naming the field, if it cannot be served
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SchedulerConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -60,6 +63,7 @@ class Scheduler:
         self.prefilling: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
+        self._native = host_path.resolve(config.host_path)  # None: the Python path below
 
     def add(self, seq: Sequence) -> None:
         longest = min(seq.stop.max_model_len, self.config.max_model_len, seq.num_prompt_tokens + seq.stop.max_tokens)
@@ -115,22 +119,32 @@ class Scheduler:
         return chunk
 
     def _schedule_decode(self) -> Batch:
-        batch = Batch([], False, [], [])
-        while self.running and len(batch.seqs) < self.config.max_num_seqs:
+        if self._native is not None:
+            return self._schedule_decode_native()
+        seqs, copies, blocks = [], [], self.blocks
+        while self.running and len(seqs) < self.config.max_num_seqs:
             seq = self.running.popleft()
-            while not self.blocks.can_append(seq):
+            while not blocks.can_append(seq):
                 if self.running:
                     self._preempt(self.running.pop())
                 else:
                     self._preempt(seq)
                     break
             else:
-                batch.copies += self.blocks.append_slot(seq)
-                batch.seqs.append(seq)
-                batch.chunk_lens.append(1)
-                batch.num_samples.append(1)
-        self.running.extendleft(reversed(batch.seqs))
-        return batch
+                copies += blocks.append_slot(seq)
+                seqs.append(seq)
+        self.running.extendleft(reversed(seqs))
+        return Batch(seqs, False, [1] * len(seqs), [1] * len(seqs), copies)
+
+    def _schedule_decode_native(self) -> Batch:
+        """Same as the Python loop above; C++ walks the running list, preemption calls back."""
+        items = list(self.running)
+        seqs, copies, lo, hi = self._native.schedule_decode(items, self.config.max_num_seqs, self.blocks,
+                                                            self._preempt)
+        self.running.clear()
+        self.running.extend(seqs)
+        self.running.extend(items[lo:hi])
+        return Batch(seqs, False, [1] * len(seqs), [1] * len(seqs), copies)
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.free(seq)
@@ -140,6 +154,10 @@ class Scheduler:
 
     def postprocess(self, batch: Batch, samples: list[list[tuple[int, float]]]) -> list[Sequence]:
         """samples[i]: batch.num_samples[i] (token, logprob) pairs. Returns the finished sequences."""
+        if not batch.is_prefill and self._native is not None:
+            return self._native.postprocess_decode(batch.seqs, samples, self.blocks, self._retire)
+        if not batch.is_prefill:
+            return self._postprocess_decode(batch, samples)
         finished = []
         for seq, chunk, sampled in zip(batch.seqs, batch.chunk_lens, samples):
             seq.num_cached_tokens += chunk
@@ -156,6 +174,18 @@ class Scheduler:
                 child.append(token, logprob)
                 if child.check_finished():
                     finished.append(self._retire(child))
+        return finished
+
+    def _postprocess_decode(self, batch: Batch, samples: list[list[tuple[int, float]]]) -> list[Sequence]:
+        """postprocess of a decode step (one token per sequence), in one loop: this runs every step."""
+        finished, commit = [], self.blocks.enable_prefix_caching
+        for seq, ((token, logprob),) in zip(batch.seqs, samples):
+            seq.num_cached_tokens += 1
+            if commit:
+                self.blocks.commit(seq)
+            seq.append(token, logprob)
+            if seq.check_finished():
+                finished.append(self._retire(seq))
         return finished
 
     def _fork(self, seq: Sequence, n: int) -> list[Sequence]:
