@@ -10,8 +10,10 @@ small model is dominated by the number of ops, not by bytes:
   sits at the same column, as after a fork), then runs two matmul-softmax-matmul partials;
 - partials stay unnormalized (out, max, sum) and are merged once:
       m = max(m_p, m_s),  out = (o_p e^(m_p-m) + o_s e^(m_s-m)) / (l_p e^(m_p-m) + l_s e^(m_s-m));
-- when the groups are the batch's rows in order (a fork lays them out that way), queries and
-  results change layout by a view/reshape instead of an index.
+- when the groups are the batch's rows in order (a fork lays them out that way), the suffix copies
+  are kept in the groups' layout (G, Hkv, M, ...), so prefix and suffix partials line up as they
+  come out of the matmuls and only the result is transposed back to rows; otherwise the suffix is
+  kept per row (G = B, M = 1) and the prefix partials are indexed into rows.
 """
 from __future__ import annotations
 
@@ -24,31 +26,36 @@ from rlpt_fast.rollout.decode_attention import context_slots, gather_slots
 
 @dataclass
 class _Step:
-    """Per step, shared by the layers: the suffix columns attended (width), the key mask of rows
-    whose suffix is shorter (bias (B, 1, 1, width) 0/-inf, None when all are equal) and where the
-    step's new token goes (column, or per-row positions when the rows differ)."""
+    """Per step, shared by the layers: the suffix layout (G, M): row r sits at slot (r // M, r % M);
+    the suffix columns attended (width); the key mask of slots whose suffix is shorter (bias
+    (G * Hkv * M, 1, width) 0/-inf, None when all are equal); where the step's new token goes
+    (column, or per-row slot and position when the rows differ)."""
+    layout: tuple[int, int]
     width: int
     bias: torch.Tensor | None
     column: int | None
-    rows: torch.Tensor | None = None
-    pos: torch.Tensor | None = None
+    slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
+def _layout(meta) -> tuple[int, int]:
+    return tuple(meta.members.shape) if meta.in_order else (len(meta.suffix_lens_host), 1)
 
 
 def _plan(meta, hkv: int, device) -> _Step:
-    lens = meta.suffix_lens_host
+    lens, layout = meta.suffix_lens_host, _layout(meta)
     width = max(lens)
     if min(lens) == width:
-        return _Step(width, None, width - 1)
-    return _Step(width, _bias(meta.suffix_lens, width, hkv, device), None, torch.arange(len(lens), device=device),
-                 meta.suffix_lens - 1)
+        return _Step(layout, width, None, width - 1)
+    g, m = layout
+    grid = meta.suffix_lens.view(g, 1, m).expand(g, hkv, m).reshape(-1)
+    rows = torch.arange(len(lens), device=device)
+    return _Step(layout, width, _bias(grid, width, device), None, (rows // m, rows % m, meta.suffix_lens - 1))
 
 
-def _bias(lens: torch.Tensor, width: int, hkv: int, device) -> torch.Tensor:
-    """(X * hkv, 1, width) float: 0 for the first lens[x] columns, -inf after (each x repeated hkv
-    times, the flat batch of (X, Hkv) matrices)."""
+def _bias(lens: torch.Tensor, width: int, device) -> torch.Tensor:
+    """(X, 1, width) float: 0 for the first lens[x] columns, -inf after."""
     cols = torch.arange(width, device=device)
-    bias = torch.zeros(lens.shape[0], width, device=device).masked_fill_(cols >= lens[:, None], float("-inf"))
-    return bias.repeat_interleave(hkv, 0)[:, None, :]
+    return torch.zeros(lens.shape[0], width, device=device).masked_fill_(cols >= lens[:, None], float("-inf"))[:, None]
 
 
 def _dense(cache: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, transpose: bool) -> torch.Tensor:
@@ -63,7 +70,7 @@ def _prefix_bias(meta, hkv: int, device) -> torch.Tensor | None:
     width = meta.prefix_tables.shape[1] * meta.block_size
     if min(meta.prefix_lens_host) == width:
         return None
-    return _bias(meta.prefix_lens, width, hkv, device)
+    return _bias(meta.prefix_lens.repeat_interleave(hkv), width, device)
 
 
 def _layer_kv(meta, k_cache, v_cache, layer, new_kv, step: _Step):
@@ -81,20 +88,23 @@ def _layer_kv(meta, k_cache, v_cache, layer, new_kv, step: _Step):
         if keep:
             meta.prefix_kv[("prefix", layer)] = prefix
     suffix = meta.prefix_kv.get(("suffix", layer)) if keep else None
+    g, m = step.layout
     if suffix is None:
-        suffix = (_dense(k_cache, meta.suffix_tables, meta.suffix_lens, True),
-                  _dense(v_cache, meta.suffix_tables, meta.suffix_lens, False))
+        to_slots = lambda x: x.view(g, m, *x.shape[1:]).transpose(1, 2).contiguous()  # (G, Hkv, M, ...)
+        suffix = (to_slots(_dense(k_cache, meta.suffix_tables, meta.suffix_lens, True)),
+                  to_slots(_dense(v_cache, meta.suffix_tables, meta.suffix_lens, False)), step.layout)
         if keep:
             meta.prefix_kv[("suffix", layer)] = suffix
         return prefix, suffix
-    ks_t, vs = suffix
-    k, v = new_kv
+    ks_t, vs, _ = suffix
+    k, v = (x.view(g, m, *x.shape[1:]).transpose(1, 2) for x in new_kv)            # (G, Hkv, M, D)
     if step.column is not None:
         ks_t[..., step.column].copy_(k)
-        vs[:, :, step.column].copy_(v)
+        vs[..., step.column, :].copy_(v)
     else:
-        ks_t[step.rows, :, :, step.pos] = k.float()
-        vs[step.rows, :, step.pos] = v.float()
+        gi, mi, pos = step.slots
+        ks_t[gi, :, mi, :, pos] = new_kv[0].float()
+        vs[gi, :, mi, pos] = new_kv[1].float()
     return prefix, suffix
 
 
@@ -110,15 +120,15 @@ def carry_dense_kv(old, new) -> None:
     for key, value in old.prefix_kv.items():
         if key[0] == "prefix" and same_prefix:
             new.prefix_kv[key] = value
-        elif key[0] == "suffix" and same_suffix and value[0].shape[-1] == width:
-            new.prefix_kv[key] = value
-        elif key[0] == "suffix" and same_suffix and value[0].shape[-1] < width:
-            ks_t, vs = value
-            grown_k = ks_t.new_zeros(*ks_t.shape[:-1], width)
-            grown_k[..., :ks_t.shape[-1]] = ks_t
-            grown_v = vs.new_zeros(vs.shape[0], vs.shape[1], width, vs.shape[3])
-            grown_v[:, :, :vs.shape[2]] = vs
-            new.prefix_kv[key] = grown_k, grown_v
+        elif key[0] == "suffix" and same_suffix and value[2] == _layout(new) and value[0].shape[-1] <= width:
+            ks_t, vs, layout = value
+            if ks_t.shape[-1] < width:
+                grown_k = ks_t.new_zeros(*ks_t.shape[:-1], width)
+                grown_k[..., :ks_t.shape[-1]] = ks_t
+                grown_v = vs.new_zeros(*vs.shape[:-2], width, vs.shape[-1])
+                grown_v[..., :vs.shape[-2], :] = vs
+                ks_t, vs = grown_k, grown_v
+            new.prefix_kv[key] = ks_t, vs, layout
 
 
 def _partial(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
@@ -151,24 +161,26 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         gathered = {} if gathered is None else gathered
         gathered["plan"] = _plan(meta, hkv, q.device)
     step = gathered["plan"]
-    (kp_t, vp, pbias), (ks_t, vs) = _layer_kv(meta, k_cache, v_cache, layer, new_kv, step)
+    (kp_t, vp, pbias), (ks_t, vs, _) = _layer_kv(meta, k_cache, v_cache, layer, new_kv, step)
     qs = q.float() * scale
     ng, m = meta.members.shape
-    tp, w = kp_t.shape[-1], step.width
+    g, gm = step.layout
+    x, tp, w = g * hkv * gm, kp_t.shape[-1], step.width
     # shared prefixes: all member queries of a group (M members x grp heads) against its blocks, once
     rows = qs if meta.in_order else torch.cat([qs, qs.new_zeros(1, hq, d)])[meta.members]
     qg = rows.view(ng, m, hkv, grp, d).transpose(1, 2).reshape(ng * hkv, m * grp, d)
     o_p, m_p, l_p = _partial(qg, kp_t.view(-1, d, tp), vp.view(-1, tp, d), pbias)
-    part = torch.cat([o_p, m_p, l_p], -1).view(ng, hkv, m, grp, d + 2).transpose(1, 2).reshape(ng * m, hkv * grp, d + 2)
-    if not meta.in_order:  # back to batch rows; rows of no group get an empty prefix (max -inf, sum 0)
+    if meta.in_order:  # the suffix slots are the groups' layout: the partials line up as they are
+        qx, o_p, m_p, l_p = qg.view(x, grp, d), o_p.view(x, grp, d), m_p.view(x, grp, 1), l_p.view(x, grp, 1)
+    else:  # back to batch rows; rows of no group get an empty prefix (max -inf, sum 0)
+        part = torch.cat([o_p, m_p, l_p], -1).view(ng, hkv, m, grp, d + 2).transpose(1, 2).reshape(ng * m, hq, d + 2)
         empty = part.new_zeros(1, hq, d + 2)
         empty[..., d] = float("-inf")
-        part = torch.cat([part, empty])[meta.row_member]
-    o_p, m_p, l_p = part[..., :d], part[..., d:d + 1], part[..., d + 1:]             # (B, Hq, .)
-    # each row's own remainder (>= 1 token, so its max is finite), exponentiated against the
+        part = torch.cat([part, empty])[meta.row_member].view(x, grp, d + 2)
+        qx, o_p, m_p, l_p = qs.view(x, grp, d), part[..., :d], part[..., d:d + 1], part[..., d + 1:]
+    # each slot's own remainder (>= 1 token, so its max is finite), exponentiated against the
     # larger of both maxima: then only the prefix part needs rescaling
-    o_s, mx, l_s = _partial(qs.view(b * hkv, grp, d), ks_t[..., :w].view(-1, d, w), vs[:, :, :w].view(-1, w, d),
-                            step.bias, m_p.reshape(b * hkv, grp, 1))
-    a = (m_p - mx.view(b, hq, 1)).exp_()
-    out = torch.addcmul(o_s.view(b, hq, d), o_p, a).div_(torch.addcmul(l_s.view(b, hq, 1), l_p, a))
-    return out.to(q.dtype)
+    o_s, mx, l_s = _partial(qx, ks_t[..., :w].view(x, d, w), vs[..., :w, :].view(x, w, d), step.bias, m_p)
+    a = (m_p - mx).exp_()
+    out = torch.addcmul(o_s, o_p, a).div_(torch.addcmul(l_s, l_p, a))                # (G*Hkv*M, grp, D)
+    return out.view(g, hkv, gm, grp, d).transpose(1, 2).reshape(b, hq, d).to(q.dtype)

@@ -117,9 +117,12 @@ class ModelRunner:
                 tokens, logprobs = sample(self._decode(batch), self._sampling_tensors(batch))
         self._last_tokens = tokens
         flat = torch.stack([tokens.double(), logprobs.double()]).cpu().tolist()  # the step's one host sync
+        pairs = list(zip(map(int, flat[0]), flat[1]))
+        if not batch.is_prefill:  # one sample per sequence
+            return [[pair] for pair in pairs]
         out, i = [], 0
         for k in batch.num_samples:
-            out.append([(int(flat[0][j]), flat[1][j]) for j in range(i, i + k)])
+            out.append(pairs[i:i + k])
             i += k
         return out
 

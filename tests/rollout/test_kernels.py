@@ -223,3 +223,48 @@ def test_cascade_dense_suffix_copy_follows_new_tokens():
         torch.testing.assert_close(got, fresh)
         meta = kept
         lens = [n + 1 for n in lens]
+
+
+@pytest.mark.parametrize("in_order", [True, False])
+def test_cascade_kept_copies_follow_steps_and_new_blocks(in_order):
+    """The torch cascade's kept dense copies (groups' layout when the rows are the groups in order,
+    per row otherwise), over steps that cross into new blocks (regrouped, copies carried over),
+    with groups whose prompts differ in length: every step equals decode attention over the cache."""
+    from rlpt_fast.rollout.cascade_attention import build_cascade
+    from rlpt_fast.rollout.cascade_torch import cascade_decode_attention, carry_dense_kv
+
+    gen = torch.Generator().manual_seed(7)
+    bs, hq, hkv, d = 4, 4, 2, 16
+    k_cache = torch.randn(64, bs, hkv, d, generator=gen)
+    v_cache = torch.randn(64, bs, hkv, d, generator=gen)
+    # group A (prompt 8 tokens, blocks 0-1) and group B (prompt 6: block 2 full + partial 3), 2 samples each
+    tables = [[0, 1, 10], [0, 1, 11], [2, 12], [2, 13]] if in_order else [[0, 1, 10], [2, 12], [0, 1, 11], [2, 13]]
+    lens = [9, 9, 6, 6] if in_order else [9, 6, 9, 6]
+    free = iter(range(20, 64))
+    meta = build_cascade(tables, lens, bs, "cpu")
+    assert meta.in_order == in_order
+    for step in range(7):
+        q = torch.randn(4, hq, d, generator=gen)
+        k_new = torch.randn(4, hkv, d, generator=gen)
+        v_new = torch.randn(4, hkv, d, generator=gen)
+        for r, n in enumerate(lens):  # store this step's token, as store_kv does before attention
+            blk, off = tables[r][(n - 1) // bs], (n - 1) % bs
+            k_cache[blk, off], v_cache[blk, off] = k_new[r], v_new[r]
+        got = cascade_decode_attention(q, k_cache, v_cache, meta, d ** -0.5, {}, 0, (k_new, v_new))
+        width = max(map(len, tables))
+        bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        want = decode_attention_reference(q, k_cache, v_cache, bt, torch.tensor(lens, dtype=torch.int32), d ** -0.5)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        lens = [n + 1 for n in lens]
+        grew = False
+        for r, n in enumerate(lens):
+            if (n - 1) // bs == len(tables[r]):
+                tables[r] = tables[r] + [next(free)]
+                grew = True
+        if grew:
+            new = build_cascade(tables, lens, bs, "cpu")
+            carry_dense_kv(meta, new)
+            assert ("prefix", 0) in new.prefix_kv and ("suffix", 0) in new.prefix_kv
+            meta = new
+        else:
+            meta = meta.with_lens(lens)
