@@ -168,6 +168,7 @@ def measure(name: str, shape: BatchShape, args, device: str, dtype: torch.dtype,
             "targets": shape.groups * shape.g * shape.completion_tokens, "ms": timing.median,
             "p20_ms": timing.p20, "p80_ms": timing.p80, "tflop": flops / 1e12, "tflops": rate / 1e12,
             "mfu": rate / (peak_tflops * 1e12), "peak_gib": None if peak is None else peak / 2**30})
+        print(f"  {name} packing={'group' if share else 'none'}: {timing.median:.1f} ms", flush=True)  # if cut short
     (t_un, f_un), (t_pk, f_pk) = times[False], times[True]
     report.rows.append({"model": name, "packing": "saved", "ms": t_un - t_pk,
                         "tflop": (f_un - f_pk) / 1e12, "speedup": t_un / t_pk, "flop_ratio": f_un / f_pk})

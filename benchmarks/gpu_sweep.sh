@@ -7,7 +7,8 @@
 # The device copies the working tree as it is, others' unfinished edits included; to measure a
 # commit, export it (benchmarks/export_tree.sh -> .snap/, carried) and run the sweep from there.
 #
-# Stages (default: all, in this order; the open issues' goals first):
+# Stages (default: all, in this order; together about 11 minutes on an H100, more than one call
+# may run: split them, e.g. `tests rollout host train` then `memory7b kernels model`):
 #   tests        gpu-marked tests (bf16 kernels at V 151936, CUDA-graph engine, flex packing)
 #   rollout      bench_rollout: engine vs generate, 3B shape, B = 16 x G = 8
 #   host         profile_host: host share of a decode step at batch 64 (csrc/ decision)
@@ -80,10 +81,10 @@ for s in $STAGES; do
       tests)    stage tests 55 $PY -m pytest -q -p no:cacheprovider --tb=short -m gpu tests ;;
       rollout)  stage rollout 130 $PY benchmarks/bench_rollout.py ;;
       host)     stage host 45 $PY benchmarks/profile_host.py ;;
-      train)    stage train 130 $PY benchmarks/bench_train_step.py ;;
+      train)    stage train 200 $PY benchmarks/bench_train_step.py --steps 1 ;;  # TRL: ~60 s a step
       memory7b) stage memory7b 65 $PY benchmarks/bench_train_step.py --memory-7b ;;
       kernels)  stage kernels 80 $PY benchmarks/bench_kernels.py --tokens 4096 16384 ;;
-      model)    stage model 90 $PY benchmarks/bench_model.py --models 3b,7b ;;
+      model)    stage model 120 $PY benchmarks/bench_model.py --models 3b --warmup 2 --repeat 5 ;;
       *) echo "unknown stage $s" ;;
     esac
   fi
