@@ -34,6 +34,7 @@ kernel_packages = ["rlpt_kernels"] + [
 host_extension = Extension(
     "rlpt_fast._host",
     sources=["csrc/host_path.cpp"],
+    depends=["csrc/block_pool.h", "csrc/py_ref.h"],
     language="c++",
     extra_compile_args=["-O2", "-std=c++17"],
     optional=True,

@@ -11,6 +11,10 @@ Each step is either a prefill step or a decode step:
 
 After the step, `postprocess` appends the sampled tokens, forks a finished prompt into its n
 samples, and retires finished sequences.
+
+The per-step decode bookkeeping (schedule_decode, the decode postprocess) has a C++ twin in
+csrc/host_path.cpp that acts on the same objects; SchedulerConfig.host_path / $RLPT_HOST_PATH
+picks (host_path.py). Prefill, forks, preemption, retiring and prefix-cache hashing stay here.
 """
 from __future__ import annotations
 
