@@ -106,7 +106,7 @@ def make_workload(rng: random.Random, mode: str, prefix: bool) -> Scheduler:
 
 @pytest.mark.parametrize("prefix", [False, True], ids=["no-prefix-cache", "prefix-cache"])
 def test_scheduler_random_workloads_native_equals_python_step_by_step(prefix):
-    preempted = 0
+    preempted, copies, reasons, hits = 0, 0, set(), 0
     for trial in range(60):
         scheds = [make_workload(random.Random(trial), mode, prefix) for mode in ("python", "native")]
         steps = 0
@@ -120,9 +120,14 @@ def test_scheduler_random_workloads_native_equals_python_step_by_step(prefix):
                              batch.num_samples, batch.copies, [seq_state(q) for q in done], sched_state(s)))
             assert seen[0] == seen[1], f"trial {trial}, step {steps}"
             steps += 1
+            copies += len(seen[0][4])
+            reasons |= {q[-1] for q in seen[0][5]}
         assert scheds[1].is_finished()
         preempted += scheds[0].num_preemptions
-    assert preempted > 0  # the workloads do exercise preemption (through the native path's callback)
+        hits += scheds[0].blocks.num_hit_tokens
+    # the workloads do exercise preemption (the native path's callback), copy-on-write, both stop
+    # rules, and prefix-cache hits when caching is on
+    assert preempted > 0 and copies > 0 and reasons == {"stop", "length"} and (hits > 0) == prefix
 
 
 def test_native_errors_name_the_sequence_and_the_empty_pool():
