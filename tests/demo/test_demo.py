@@ -14,7 +14,7 @@ from rlpt_fast.demo.rl import RLConfig
 from rlpt_fast.demo.world import build_world, non_name_accuracy
 from rlpt_fast.metrics import score_file
 
-SMALL = dict(n_concepts=4, n_scenes=60,
+SMALL = dict(n_concepts=4, n_scenes=60, eval_fraction=0.2,
              base=BaseModelConfig(hidden_size=64, intermediate_size=128, steps=100, batch=8,
                                   personal_rate=0.2, lr=4e-3),
              rl=RLConfig(steps=10, prompts_per_step=4, lr=3e-3, beta=0.2, max_new_tokens=48))
@@ -52,7 +52,7 @@ def test_json_schema(demo):
 
 def test_values_match_the_metric_on_the_caption_files(demo):
     out, result, _ = demo
-    dw = build_world(out / "world_again", 0, SMALL["n_concepts"], SMALL["n_scenes"])
+    dw = build_world(out / "world_again", 0, SMALL["n_concepts"], SMALL["n_scenes"], SMALL["eval_fraction"])
     for k in ("before", "after"):
         s = score_file(result["captions"][k], PROTOCOL)
         assert result[k] == {"precision": round(s.precision, 2), "recall": round(s.recall, 2),
@@ -79,3 +79,5 @@ def test_cli_arguments_map_to_the_config():
     assert str(cfg.out_dir) == "x"
     with pytest.raises(ValueError, match="threads"):
         DemoConfig(threads=0)
+    with pytest.raises(ValueError, match="eval_fraction"):
+        DemoConfig(eval_fraction=1.0)

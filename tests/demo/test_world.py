@@ -24,6 +24,15 @@ def test_split_and_queries(dw):
     assert {c.key for c in dw.world.concepts} == set(dw.database.concepts)
 
 
+def test_a_larger_held_out_set_keeps_the_training_scenes(tmp_path):
+    """The demo holds out 40% of 320 scenes: the same 192 training scenes as 20% of 240."""
+    small = build_world(tmp_path / "a", seed=3, n_concepts=5, n_scenes=30, eval_fraction=0.2)
+    large = build_world(tmp_path / "b", seed=3, n_concepts=5, n_scenes=40, eval_fraction=0.4)
+    assert large.train_scenes == small.train_scenes
+    assert large.eval_scenes[:len(small.eval_scenes)] == small.eval_scenes
+    assert len(large.queries) > len(small.queries)
+
+
 def test_captions_name_in_reference_order_and_are_long_enough(dw):
     for sc in dw.world.scenes:
         if not sc.keys:
@@ -80,6 +89,20 @@ def test_warm_start_captions_deterministic_with_rate(dw):
     a = warm_start_captions(dw.world, dw.train_scenes, 0.2, 40, seed=1)
     assert a == warm_start_captions(dw.world, dw.train_scenes, 0.2, 40, seed=1)
     assert a != warm_start_captions(dw.world, dw.train_scenes, 0.2, 40, seed=2)
-    rate = sum("<" in text for _, text, _ in a) / len(a)
+    rate = sum("<" in text for _, _, text, _ in a) / len(a)
     assert 0.15 < rate < 0.25
-    assert all("<" not in t for _, t, _ in warm_start_captions(dw.world, dw.train_scenes, 0.0, 3, 1))
+    assert all("<" not in t for _, _, t, _ in warm_start_captions(dw.world, dw.train_scenes, 0.0, 3, 1))
+    assert all(keys == tuple(scene_keys(dw.world, sc)) and text == caption(dw.world, sc, "<" in text)
+               for sc, keys, text, _ in a)
+
+
+def test_warm_start_captions_with_shuffled_references(dw):
+    fixed = warm_start_captions(dw.world, dw.train_scenes, 0.2, 40, seed=1)
+    mixed = warm_start_captions(dw.world, dw.train_scenes, 0.2, 40, seed=1, shuffle_refs=True)
+    # the same scenes, questions and naming draws; only the order of the references differs
+    assert [(sc, q, "<" in t) for sc, _, t, q in mixed] == [(sc, q, "<" in t) for sc, _, t, q in fixed]
+    assert all(sorted(k) == sorted(scene_keys(dw.world, sc)) for sc, k, _, _ in mixed)
+    assert sum(k != tuple(scene_keys(dw.world, sc)) for sc, k, _, _ in mixed) > len(mixed) // 4
+    sc, keys, text, _ = next(x for x in mixed if len(x[1]) > 2 and "<" in x[2])
+    looks = ", and ".join(f"{dw.world.concept(k).look.describe()}, {k}" for k in keys)
+    assert text == f"In this picture we can see {looks}, placed together on a plain light background, in a simple scene."
