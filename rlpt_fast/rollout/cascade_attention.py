@@ -76,6 +76,8 @@ def build_cascade(tables: list[list[int]], lens: list[int], block_size: int, dev
         first, n = tables[rows[0]], min((lens[r] - 1) // block_size for r in rows)
         for r in rows[1:]:
             t, i = tables[r], 0
+            if t[:n] == first[:n]:  # the usual case (the samples of one prompt), at C speed
+                continue
             while i < n and t[i] == first[i]:
                 i += 1
             n = i

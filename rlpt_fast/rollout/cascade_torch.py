@@ -112,7 +112,7 @@ def carry_dense_kv(old, new) -> None:
     """Moves old's kept dense copies into new, a grouping of the SAME rows after their block tables
     changed (a row entered a new block): a group's prefix copy holds if its prefix blocks are the
     same; a row's suffix copy holds if its suffix starts at the same token and its old suffix
-    blocks lead its new ones (the new block's columns are zeros until its tokens are written)."""
+    blocks lead its new ones (columns past its tokens are zeros or stale, masked, until written)."""
     (old_p, old_s), (new_p, new_s) = old.tables_host, new.tables_host
     same_prefix = old_p == new_p
     same_suffix = old.suffix_start == new.suffix_start and all(n[:len(o)] == o for o, n in zip(old_s, new_s))
@@ -120,12 +120,13 @@ def carry_dense_kv(old, new) -> None:
     for key, value in old.prefix_kv.items():
         if key[0] == "prefix" and same_prefix:
             new.prefix_kv[key] = value
-        elif key[0] == "suffix" and same_suffix and value[2] == _layout(new) and value[0].shape[-1] <= width:
+        elif key[0] == "suffix" and same_suffix and value[2] == _layout(new):
             ks_t, vs, layout = value
-            if ks_t.shape[-1] < width:
-                grown_k = ks_t.new_zeros(*ks_t.shape[:-1], width)
+            if ks_t.shape[-1] < width:  # grown geometrically: a copy every few blocks, not every block
+                cap = max(width, 2 * ks_t.shape[-1])
+                grown_k = ks_t.new_zeros(*ks_t.shape[:-1], cap)
                 grown_k[..., :ks_t.shape[-1]] = ks_t
-                grown_v = vs.new_zeros(*vs.shape[:-2], width, vs.shape[-1])
+                grown_v = vs.new_zeros(*vs.shape[:-2], cap, vs.shape[-1])
                 grown_v[..., :vs.shape[-2], :] = vs
                 ks_t, vs = grown_k, grown_v
             new.prefix_kv[key] = ks_t, vs, layout

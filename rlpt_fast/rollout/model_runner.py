@@ -8,7 +8,10 @@ Per step it builds (on the host, from Python lists, then one copy each to the de
            tokens (each request's images are encoded once per generate call);
   decode:  the last token of each sequence, its position, its slot, the block tables (rebuilt
            only when they change), the context lengths and the grouping of rows that share
-           prompt blocks (cascade decode); replayed through a CUDA graph on the GPU.
+           prompt blocks (cascade decode); replayed through a CUDA graph on the GPU. While the
+           same sequences keep decoding and no table changes, the inputs advance in place on the
+           device (the sampled tokens, positions/slots/lengths + 1) and the sampling parameters
+           are reused: a CPU step is then a few hundred small ops, run under inference mode.
 The model's parameters are used as they are (LoRA included): nothing is copied, so the next step
 after an optimizer step sees the new weights.
 """
