@@ -15,7 +15,8 @@ and the combine kernel merges all partials.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from copy import copy
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -58,8 +59,9 @@ class CascadeMeta:
         """The same grouping for the next step of the same rows (block tables unchanged): contexts
         only grow, so the shared prefixes stay valid; only the suffix lengths move."""
         host = [n - s for n, s in zip(lens, self.suffix_start)]
-        suffix = torch.tensor(host)
-        return replace(self, suffix_lens=suffix.to(self.suffix_lens.device, non_blocking=True), suffix_lens_host=host)
+        out = copy(self)  # every field shared but these two (dataclasses.replace re-runs __init__: slower)
+        out.suffix_lens, out.suffix_lens_host = torch.tensor(host).to(self.suffix_lens.device, non_blocking=True), host
+        return out
 
 
 def build_cascade(tables: list[list[int]], lens: list[int], block_size: int, device) -> CascadeMeta | None:

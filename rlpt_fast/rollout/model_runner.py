@@ -140,6 +140,8 @@ class ModelRunner:
                 p = st.params
                 rows += [(p.temperature, p.top_k, p.top_p, st.seed, seq.sample_index + j) for j in range(k)]
             self._row_key, self._row_params = key, RowParams.from_rows(rows, self.device)
+        if not batch.is_prefill:
+            return self._row_params.at([s.num_tokens for s in batch.seqs])
         return self._row_params.at([s.num_tokens for s, k in zip(batch.seqs, batch.num_samples) for _ in range(k)])
 
     def _slot(self, seq: Sequence, pos: int) -> int:

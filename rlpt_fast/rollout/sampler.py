@@ -57,6 +57,10 @@ class RowParams:
     greedy: bool
     sampled: bool
     scaled: bool
+    # uniforms of the next AHEAD positions of every row, from `base` on (decode moves each row
+    # one position per step: one column per step instead of hashing every step)
+    base: np.ndarray | None = None
+    ahead: torch.Tensor | None = None
 
     @classmethod
     def from_rows(cls, rows: list[tuple[float, int, float, int, int]], device) -> RowParams:
@@ -71,9 +75,18 @@ class RowParams:
 
     def at(self, positions: list[int]) -> SamplingTensors:
         """The step's tensors for rows at these positions (tokens so far, one per row)."""
-        u = torch.from_numpy(uniform_at(self.keys, np.array(positions, dtype=np.uint64)).astype(np.float32))
-        return SamplingTensors(self.temperature, self.top_k, self.top_p, u.to(self.temperature.device, non_blocking=True),
+        pos = np.array(positions, dtype=np.uint64)
+        step = int(pos[0] - self.base[0]) if self.base is not None and pos[0] >= self.base[0] else -1
+        if not (0 <= step < AHEAD and np.array_equal(pos - self.base, np.full_like(pos, step))):
+            self.base, step = pos, 0
+            grid = pos[:, None] + np.arange(AHEAD, dtype=np.uint64)                  # (R, AHEAD)
+            u = uniform_at(np.broadcast_to(self.keys[:, None], grid.shape), grid).astype(np.float32)
+            self.ahead = torch.from_numpy(u).to(self.temperature.device, non_blocking=True)
+        return SamplingTensors(self.temperature, self.top_k, self.top_p, self.ahead[:, step],
                                self.filtered, self.greedy, self.sampled, self.scaled)
+
+
+AHEAD = 64  # positions of uniforms made at once per row
 
 
 def _mix32(x: np.ndarray) -> np.ndarray:
@@ -134,10 +147,10 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, tor
         return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
     cdf = logp.exp().cumsum(-1)
     total = cdf[:, -1:]
-    u = st.u[:, None]
     # u < 1, but u * total may round up to total: stay strictly below it so a zero-mass tail
     # token can never be picked.
-    x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
-    drawn = torch.searchsorted(cdf, x, right=True).squeeze(1).clamp(max=logits.shape[1] - 1)
-    tokens = torch.where(greedy, logits.argmax(-1), drawn) if st.greedy else drawn
-    return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
+    x = torch.minimum(st.u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    drawn = torch.searchsorted(cdf, x, right=True).clamp_(max=logits.shape[1] - 1)     # (R, 1)
+    if st.greedy:
+        drawn = torch.where(greedy[:, None], logits.argmax(-1, keepdim=True), drawn)
+    return drawn.squeeze(1), logp.gather(1, drawn).squeeze(1)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlpt_fast.rollout.sampler import SamplingTensors, filter_logits, sample, uniform
+from rlpt_fast.rollout.sampler import AHEAD, RowParams, SamplingTensors, filter_logits, sample, uniform
 
 LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.2, -1.0, -3.0])
 R = 12000
@@ -101,3 +101,14 @@ def test_mixed_greedy_and_sampled_rows_match_their_own_batches():
     s_tok, s_lp = sample(logits[[1, 3]], SamplingTensors.from_rows([rows[1], rows[3]], "cpu"))
     assert tok.tolist() == [g_tok[0], s_tok[0], g_tok[1], s_tok[1]]
     torch.testing.assert_close(lp, torch.stack([g_lp[0], s_lp[0], g_lp[1], s_lp[1]]))
+
+
+def test_row_params_steps_give_the_uniforms_of_each_position():
+    """RowParams.at serves decode steps from uniforms made ahead: the same values as `uniform` at
+    every position, across the end of the table, a reordered jump and rows at different positions."""
+    seeds, index = np.array([5, 5, 2**40 + 3], dtype=np.uint64), np.array([0, 1, 7], dtype=np.uint64)
+    rp = RowParams.from_rows([(1.0, 0, 1.0, int(s), int(i)) for s, i in zip(seeds, index)], "cpu")
+    start = np.array([10, 10, 300], dtype=np.uint64)
+    for pos in [start + np.uint64(j) for j in range(AHEAD + 3)] + [start + np.uint64(2), start + np.uint64(500)]:
+        got = rp.at(pos.tolist()).u.numpy()
+        np.testing.assert_array_equal(got, uniform(seeds, index, pos).astype(np.float32))
