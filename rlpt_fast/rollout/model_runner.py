@@ -89,9 +89,7 @@ class ModelRunner:
         embeds = None
         if request.pixel_values is not None:
             embeds = self.model.encode_images(request.pixel_values.to(self.device), grid)
-        cumsum = [0]
-        for t in request.input_ids:
-            cumsum.append(cumsum[-1] + (t == self.image_token_id))
+        cumsum = [0, *(ids == self.image_token_id).cumsum(0).tolist()]
         self.requests[index] = RequestState(positions.to(self.device), delta, embeds, cumsum, params, seed)
 
     def clear_requests(self) -> None:
