@@ -8,7 +8,8 @@
 Each prompt is prefilled ONCE and forked into its n samples, which share the prompt's KV blocks
 (and, in decode, read them once per step for the whole group: cascade_attention.py). All sequences
 of all prompts are decoded together (continuous batching). The model runs in eval mode (no
-dropout) under no_grad for the call and is put back as it was. The engine holds no global state:
+dropout) under no_grad for the call (decode steps without CUDA graphs under inference_mode: they
+make no tensor that outlives the call) and is put back as it was. The engine holds no global state:
 several engines on one model are allowed (each has its own cache).
 
 engine.stats (running totals): prefill_tokens (tokens computed by prefill, recomputation after
