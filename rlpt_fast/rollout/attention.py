@@ -54,14 +54,15 @@ def paged_attention(kv_cache: torch.Tensor, backend: Backend, meta: DecodeMeta |
 
     def attn(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = kv_cache[0, layer_idx], kv_cache[1, layer_idx]
-        if backend.name == "torch" and meta is not None and "rows" in gathered:
-            # every row is real (no -1) and layer 0's store checked the shapes: store directly
-            k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, gathered["rows"], k)
-            v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, gathered["rows"], v)
+        if backend.name == "torch" and meta is not None and not meta.padded:
+            # the runner built every row (no -1 to skip) and the shapes: store without the checks
+            rows = gathered.get("rows")
+            if rows is None:
+                rows = gathered["rows"] = slot_mapping.long()
+            k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, rows, k)
+            v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, rows, v)
         else:
             backend.store_kv(k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping)
-            if backend.name == "torch" and meta is not None and not meta.padded:
-                gathered["rows"] = slot_mapping.long()
         if prefill is not None:
             return prefill_attention(q, k, v, k_cache, v_cache, prefill, scale)
         if backend.name == "triton" and meta.groups is not None:

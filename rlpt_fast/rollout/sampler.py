@@ -76,8 +76,9 @@ class RowParams:
     def at(self, positions: list[int]) -> SamplingTensors:
         """The step's tensors for rows at these positions (tokens so far, one per row)."""
         pos = np.array(positions, dtype=np.uint64)
-        step = int(pos[0] - self.base[0]) if self.base is not None and pos[0] >= self.base[0] else -1
-        if not (0 <= step < AHEAD and np.array_equal(pos - self.base, np.full_like(pos, step))):
+        d = pos - self.base if self.base is not None else None  # a row behind its base wraps: huge
+        step = int(d[0]) if d is not None else AHEAD
+        if not (step < AHEAD and (d == d[0]).all()):
             self.base, step = pos, 0
             grid = pos[:, None] + np.arange(AHEAD, dtype=np.uint64)                  # (R, AHEAD)
             u = uniform_at(np.broadcast_to(self.keys[:, None], grid.shape), grid).astype(np.float32)
