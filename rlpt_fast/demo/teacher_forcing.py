@@ -42,14 +42,12 @@ def padded_causal_attention(cu_seqlens: torch.Tensor) -> AttentionFn:
     return attn
 
 
-def caption_loss(model: QwenVLModel, prompts: list[Prompt], captions: list[torch.Tensor],
-                 weights: list[torch.Tensor] | None = None) -> torch.Tensor:
+def caption_loss(model: QwenVLModel, prompts: list[Prompt], captions: list[torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy (float32 scalar) of every caption token given its prompt.
 
     prompts: model inputs (input_ids (P_i,), pixel_values, image_grid_thw); captions: (L_i,)
     int64 target ids, end-of-turn token included. Sequence i is [prompt_i; caption_i[:-1]]; its
-    hidden row P_i - 1 + j predicts caption token j. weights: (L_i,) float32 per caption token,
-    or None (all 1); the loss is then sum(w * ce) / sum(w).
+    hidden row P_i - 1 + j predicts caption token j.
     """
     ids, pos, images, rows, starts = [], [], [], [], [0]
     for p, c in zip(prompts, captions):
@@ -66,7 +64,4 @@ def caption_loss(model: QwenVLModel, prompts: list[Prompt], captions: list[torch
     hidden = model.forward_hidden(embeds, torch.cat(pos, dim=1),
                                   padded_causal_attention(torch.tensor(starts)))
     logits = model.compute_logits(hidden[torch.cat(rows)]).float()
-    if weights is None:
-        return F.cross_entropy(logits, torch.cat(captions))
-    w = torch.cat(weights).to(logits.device, torch.float32)
-    return (F.cross_entropy(logits, torch.cat(captions), reduction="none") * w).sum() / w.sum()
+    return F.cross_entropy(logits, torch.cat(captions))

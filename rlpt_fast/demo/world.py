@@ -82,10 +82,9 @@ def scene_keys(world: World, scene: Scene) -> list[str]:
     return [c.key for c in world.concepts if c.key in scene.keys]
 
 
-def caption(world: World, scene: Scene, personalized: bool, keys: list[str] | None = None) -> str:
-    """The ground-truth caption of a scene (module docstring), with or without names, for the
-    references shown in the order `keys` (default: database order, `scene_keys`)."""
-    keys = scene_keys(world, scene) if keys is None else keys
+def caption(world: World, scene: Scene, personalized: bool) -> str:
+    """The ground-truth caption of a scene (module docstring), with or without names."""
+    keys = scene_keys(world, scene)
     looks = [world.concept(k).look.describe() for k in keys]
     if personalized and NAME_FIRST:  # "<Kalo>, a red solid ring,"
         looks = [f"{k}, {lk}," for k, lk in zip(keys, looks)]
@@ -95,26 +94,19 @@ def caption(world: World, scene: Scene, personalized: bool, keys: list[str] | No
 
 
 def warm_start_captions(world: World, scenes: tuple[Scene, ...], personal_rate: float,
-                        epochs: int, seed: int, shuffle_refs: bool = False
-                        ) -> list[tuple[Scene, tuple[str, ...], str, int]]:
-    """(scene, reference keys in the order shown, caption, question index) for `epochs`
-    shuffled passes over the scenes; each caption is personalized with probability
-    personal_rate (seeded), like the occasional name in a base model's captions. A scene keeps
-    one question (its index in RePIC's cycling list). shuffle_refs: the references (and so the
-    caption's objects) in a fresh random order each time instead of database order, so the
-    model learns to read the next reference rather than which concept tends to follow which."""
+                        epochs: int, seed: int) -> list[tuple[Scene, str, int]]:
+    """(scene, caption, question index) for `epochs` shuffled passes over the scenes; each
+    caption is personalized with probability personal_rate (seeded), like the occasional
+    name in a base model's captions. A scene keeps one question (its index in RePIC's cycling
+    list), so each scene's prompt is rendered once for the whole warm start."""
     rng = random.Random(f"warm-start:{seed}")
-    order_rng = random.Random(f"warm-start-order:{seed}")  # apart: the caption draws stay the same
     out = []
     for _ in range(epochs):
         order = list(scenes)
         rng.shuffle(order)
         for sc in order:
             personal = rng.random() < personal_rate
-            keys = scene_keys(world, sc)
-            if shuffle_refs:
-                order_rng.shuffle(keys)
-            out.append((sc, tuple(keys), caption(world, sc, personal, keys), sc.index))
+            out.append((sc, caption(world, sc, personal), sc.index))
     return out
 
 

@@ -4,10 +4,10 @@ start learns the caption language."""
 import pytest
 import torch
 
-from rlpt_fast.demo.base_model import (BaseModelConfig, caption_ids, caption_weights, save_checkpoint,
-                                       scene_prompt, warm_start, write_random_checkpoint)
+from rlpt_fast.demo.base_model import (BaseModelConfig, caption_ids, save_checkpoint, scene_prompt,
+                                       warm_start, write_random_checkpoint)
 from rlpt_fast.demo.teacher_forcing import caption_loss, padded_causal_attention
-from rlpt_fast.demo.world import build_world, caption, scene_keys
+from rlpt_fast.demo.world import build_world, caption
 from rlpt_fast.model import load_model
 from rlpt_fast.model.attention import causal_attention
 from rlpt_fast.model.packing import Group, packed_forward
@@ -48,39 +48,6 @@ def test_caption_loss_equals_packed_forward(setup):
     ref = torch.nn.functional.cross_entropy(model.compute_logits(hidden).float(), packed.target_ids)
     torch.testing.assert_close(caption_loss(model, prompts, caps), ref, rtol=1e-5, atol=1e-5)
     assert caps[0][-1].item() == b.tokenizer.convert_tokens_to_ids("<|im_end|>")
-
-
-def test_weighted_caption_loss(setup):
-    dw, ckpt, _ = setup
-    torch.manual_seed(0)
-    model, b = load_model(ckpt), PromptBuilder(ckpt)
-    scenes = dw.train_scenes[:3]
-    prompts = [scene_prompt(b, dw, sc, i) for i, sc in enumerate(scenes)]
-    caps = [caption_ids(b, caption(dw.world, sc, True)) for sc in scenes]
-    ones = [torch.ones(len(c)) for c in caps]
-    torch.testing.assert_close(caption_loss(model, prompts, caps, ones), caption_loss(model, prompts, caps))
-    # weight 0 drops a caption; a constant weight on a caption changes its share of the mean
-    drop_first = [torch.zeros(len(caps[0]))] + ones[1:]
-    torch.testing.assert_close(caption_loss(model, prompts, caps, drop_first),
-                               caption_loss(model, prompts[1:], caps[1:]))
-    per = [caption_loss(model, [p], [c]) for p, c in zip(prompts, caps)]
-    n = [len(c) for c in caps]
-    expect = (3 * n[0] * per[0] + n[1] * per[1] + n[2] * per[2]) / (3 * n[0] + n[1] + n[2])
-    torch.testing.assert_close(caption_loss(model, prompts, caps, [3 * ones[0]] + ones[1:]), expect)
-
-
-def test_caption_weights_keep_the_naming_choice_at_one(setup):
-    dw, ckpt, _ = setup
-    b = PromptBuilder(ckpt)
-    for sc in dw.train_scenes[:6]:
-        generic, named = caption(dw.world, sc, False), caption(dw.world, sc, True)
-        keys = scene_keys(dw.world, sc)
-        assert caption_weights(b, dw, keys, generic, 3.0).tolist() == [1.0] * len(caption_ids(b, generic))
-        w = caption_weights(b, dw, keys, named, 3.0)
-        g, p = caption_ids(b, generic).tolist(), caption_ids(b, named).tolist()
-        choice = next(i for i, (x, y) in enumerate(zip(g, p)) if x != y)  # "," against " and"/" placed"
-        assert b.tokenizer.convert_ids_to_tokens(p[choice]) == ","
-        assert w.tolist() == [3.0] * choice + [1.0] + [3.0] * (len(p) - choice - 1)
 
 
 def test_warm_start_learns_captions_and_saves_a_loadable_checkpoint(setup):

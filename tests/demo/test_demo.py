@@ -17,7 +17,8 @@ from rlpt_fast.metrics import score_file
 SMALL = dict(n_concepts=4, n_scenes=60, eval_fraction=0.2,
              base=BaseModelConfig(hidden_size=64, intermediate_size=128, steps=100, batch=8,
                                   personal_rate=0.2, lr=4e-3),
-             rl=RLConfig(steps=10, prompts_per_step=4, lr=3e-3, beta=0.2, max_new_tokens=48))
+             rl=RLConfig(steps=10, prompts_per_step=4, num_generations=8, lr=3e-3, beta=0.2,
+                         max_new_tokens=48))
 
 
 @pytest.fixture(scope="module")

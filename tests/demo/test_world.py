@@ -89,20 +89,6 @@ def test_warm_start_captions_deterministic_with_rate(dw):
     a = warm_start_captions(dw.world, dw.train_scenes, 0.2, 40, seed=1)
     assert a == warm_start_captions(dw.world, dw.train_scenes, 0.2, 40, seed=1)
     assert a != warm_start_captions(dw.world, dw.train_scenes, 0.2, 40, seed=2)
-    rate = sum("<" in text for _, _, text, _ in a) / len(a)
+    rate = sum("<" in text for _, text, _ in a) / len(a)
     assert 0.15 < rate < 0.25
-    assert all("<" not in t for _, _, t, _ in warm_start_captions(dw.world, dw.train_scenes, 0.0, 3, 1))
-    assert all(keys == tuple(scene_keys(dw.world, sc)) and text == caption(dw.world, sc, "<" in text)
-               for sc, keys, text, _ in a)
-
-
-def test_warm_start_captions_with_shuffled_references(dw):
-    fixed = warm_start_captions(dw.world, dw.train_scenes, 0.2, 40, seed=1)
-    mixed = warm_start_captions(dw.world, dw.train_scenes, 0.2, 40, seed=1, shuffle_refs=True)
-    # the same scenes, questions and naming draws; only the order of the references differs
-    assert [(sc, q, "<" in t) for sc, _, t, q in mixed] == [(sc, q, "<" in t) for sc, _, t, q in fixed]
-    assert all(sorted(k) == sorted(scene_keys(dw.world, sc)) for sc, k, _, _ in mixed)
-    assert sum(k != tuple(scene_keys(dw.world, sc)) for sc, k, _, _ in mixed) > len(mixed) // 4
-    sc, keys, text, _ = next(x for x in mixed if len(x[1]) > 2 and "<" in x[2])
-    looks = ", and ".join(f"{dw.world.concept(k).look.describe()}, {k}" for k in keys)
-    assert text == f"In this picture we can see {looks}, placed together on a plain light background, in a simple scene."
+    assert all("<" not in t for _, t, _ in warm_start_captions(dw.world, dw.train_scenes, 0.0, 3, 1))
