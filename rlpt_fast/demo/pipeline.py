@@ -59,7 +59,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         f"{len(dw.queries)} held-out queries ({time.time() - t0:.0f}s)")
     base, losses = build_base_model(out / "model", dw, cfg.base, cfg.seed, log)
     trainer = build_trainer(dw, base, out / "grpo", cfg.rl, cfg.seed)
-    builder = trainer.builder.builder
+    builder = trainer.builder
     before = evaluate(trainer.model, builder, dw, out / "captions_before.json",
                       cfg.rl.max_new_tokens, trainer.engine)  # adapter at zero = the base model
     log(f"before GRPO: P/R/F1 {before.precision:.1f}/{before.recall:.1f}/{before.f1:.1f} "

@@ -8,23 +8,22 @@ One deliberate difference from RePIC's run: prompts are rendered in RePIC's *inf
 (system prompt, each reference image followed by its "i. Name: ..., Info: ..." line, the query
 image, a question from the cycling list), the layout the demo's tiny base model was warm-started
 and is evaluated in. RePIC trains a 7B model in its training layout (images first) and relies on
-it transferring; a 100K-parameter model does not transfer between layouts. The trainer takes
-its prompts from `trainer.builder.training_prompt(row, rng)`; `InferenceLayout` is that hook.
+it transferring; a 100K-parameter model does not transfer between layouts. The trainer's
+`data.prompt_layout = "inference"` renders each row that way from the row alone (its reference
+lines and images; see rlpt_fast/prompt_layout.py).
 """
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlpt_fast.data import Row, load_rows
-from rlpt_fast.prompts import Prompt, PromptBuilder
+from rlpt_fast.data import load_rows
 from rlpt_fast.synthetic import ref_path, scene_path
 from rlpt_fast.train.config import (DataSection, GRPOSection, LoRASection, ModelSection, OptimSection,
                                     TrainConfig, TrainSection)
 
-from .world import DemoWorld, question, scene_keys
+from .world import DemoWorld, scene_keys
 
 
 @dataclass
@@ -80,26 +79,11 @@ def write_rl_rows(dw: DemoWorld) -> Path:
     return path
 
 
-class InferenceLayout:
-    """Stands in for the trainer's PromptBuilder: renders a training row in RePIC's inference
-    layout (module docstring), with the question drawn from the row's seeded generator."""
-
-    def __init__(self, builder: PromptBuilder, dw: DemoWorld):
-        self.builder, self.dw = builder, dw
-        self.tokenizer = builder.tokenizer
-
-    def training_prompt(self, row: Row, rng: random.Random) -> Prompt:
-        keys = [row.solution] if isinstance(row.solution, str) else list(row.solution)
-        concepts = self.dw.database.select(keys)
-        q = question(rng.randrange(12), len(concepts))
-        return self.builder.inference_prompt(concepts, row.images[-1], q)
-
-
 def train_config(base: Path, rows: Path, out: Path, cfg: RLConfig, seed: int) -> TrainConfig:
     return TrainConfig(
         model=ModelSection(path=str(base), dtype="float32", device="auto", gradient_checkpointing=False),
         lora=LoRASection(enabled=True, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=0.0),
-        data=DataSection(files=[str(rows)]),
+        data=DataSection(files=[str(rows)], prompt_layout="inference"),
         grpo=GRPOSection(num_generations=cfg.num_generations, beta=cfg.beta, kl="k3",
                          max_new_tokens=cfg.max_new_tokens, temperature=1.0, reward_compat="repic"),
         optim=OptimSection(lr=cfg.lr, schedule="constant", warmup_steps=0),
@@ -114,6 +98,4 @@ def build_trainer(dw: DemoWorld, base: Path, out: Path, cfg: RLConfig, seed: int
 
     rows_file = write_rl_rows(dw)
     rows = load_rows(rows_file).rows
-    trainer = Trainer(train_config(base, rows_file, out, cfg, seed), rows=rows)
-    trainer.builder = InferenceLayout(trainer.builder, dw)
-    return trainer
+    return Trainer(train_config(base, rows_file, out, cfg, seed), rows=rows)
