@@ -53,7 +53,7 @@ def reward_curve(metrics_jsonl: Path, out: Path) -> Path | None:
 
 def _row(name: str, r: EvalResult) -> str:
     return (f"| {name} | {r.precision:.1f} | {r.recall:.1f} | {r.f1:.1f} | "
-            f"{r.non_name_accuracy:.1f} |")
+            f"{r.non_name_accuracy:.2f} |")
 
 
 def _examples(before: EvalResult, after: EvalResult, n: int) -> list[str]:
@@ -81,8 +81,8 @@ def write_report(path: Path, result: dict, before: EvalResult, after: EvalResult
         "| --- | --- | --- | --- | --- |",
         _row("base (warm start)", before), _row("after GRPO", after), "",
         f"F1 gain: **{after.f1 - before.f1:+.1f}** points over {before.slots} name slots of "
-        f"{before.queries} queries; non-name accuracy {before.non_name_accuracy:.1f} -> "
-        f"{after.non_name_accuracy:.1f}.", "",
+        f"{before.queries} queries; non-name accuracy {before.non_name_accuracy:.2f} -> "
+        f"{after.non_name_accuracy:.2f} ({after.non_name_accuracy - before.non_name_accuracy:+.2f}).", "",
         f"Caption files (RePIC format): `{before.captions}`, `{after.captions}`.", "",
         "## Reward curves", "",
     ]
