@@ -196,7 +196,8 @@ def run_ours(ckpt: Path, rows_file: Path, args, out: Path, model=None) -> tuple[
         t0 = time.perf_counter()
         m = trainer.step()
         m["time_total"] = time.perf_counter() - t0
-        progress(f"ours: step {i} in {m['time_total']:.1f} s ({', '.join(f'{ph} {m[f'time_{ph}']:.2f}' for ph in PHASES)})")
+        phases = ", ".join(f"{ph} {m['time_' + ph]:.2f}" for ph in PHASES)
+        progress(f"ours: step {i} in {m['time_total']:.1f} s ({phases})")
         if i:  # the first step warms caches and allocators
             steps.append({"total": m["time_total"], **{ph: m[f"time_{ph}"] for ph in PHASES},
                           "tokens": m["completion_length_mean"], "peak_mb": m["peak_memory_mb"]})
