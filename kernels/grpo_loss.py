@@ -25,8 +25,8 @@ KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
 
 
 @triton.jit
-def _grpo_row_kernel(logits_ptr, T, stride_b, stride_t, ids_ptr, adv_ptr, mask_ptr, weight_ptr, old_ptr,
-                     ref_ptr, loss_ptr, kl_ptr, clip_ptr, dlogp_ptr, lse_ptr,
+def _grpo_row_kernel(logits_ptr, T, stride_b, stride_t, ids_ptr, adv_ptr, mask_ptr, weight_ptr,
+                     old_ptr, ref_ptr, loss_ptr, kl_ptr, clip_ptr, dlogp_ptr, lse_ptr,
                      V, inv_temp, beta, eps_low, eps_high,
                      HAS_OLD: tl.constexpr, USE_KL: tl.constexpr, KL_TYPE: tl.constexpr,
                      WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
