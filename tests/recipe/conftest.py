@@ -16,5 +16,6 @@ def repic_dir() -> Path | None:
 def repic() -> Path:
     p = repic_dir()
     if p is None:
-        pytest.skip("RePIC data not found (../shared/data/repic or $RLPT_REPIC_DATA)")
+        pytest.skip("RePIC data not found (../shared/data/repic or $RLPT_REPIC_DATA); "
+                    "runs on the dev machine and in CI, which have it")
     return p

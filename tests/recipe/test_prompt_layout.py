@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from rlpt_fast import synthetic
+from rlpt_fast import synthetic, testing
 from rlpt_fast.data import DataError, Row, load_database, load_rows
 from rlpt_fast.image_processing import VisionConfig
 from rlpt_fast.prompt_layout import (
@@ -25,8 +25,6 @@ from rlpt_fast.prompts import (
     reference_line,
     row_rng,
 )
-
-testing = pytest.importorskip("rlpt_fast.testing")
 
 
 @pytest.fixture(scope="module")

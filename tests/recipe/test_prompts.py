@@ -6,13 +6,21 @@ import random
 import pytest
 import torch
 
+from rlpt_fast import testing
 from rlpt_fast.data import Row, load_database, open_image
 from rlpt_fast.image_processing import VisionConfig, num_image_tokens, repic_resize
-from rlpt_fast.prompts import (NAME_SUFFIXES, SUFFIX_IOU, SUFFIX_YES_NO, SYSTEM_PROMPT,
-                               PromptBuilder, inference_messages, question_for, row_rng,
-                               task_suffix, training_messages)
-
-testing = pytest.importorskip("rlpt_fast.testing")
+from rlpt_fast.prompts import (
+    NAME_SUFFIXES,
+    SUFFIX_IOU,
+    SUFFIX_YES_NO,
+    SYSTEM_PROMPT,
+    PromptBuilder,
+    inference_messages,
+    question_for,
+    row_rng,
+    task_suffix,
+    training_messages,
+)
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 import hashlib
 import time
 
-import pytest
-
 from rlpt_fast import metrics, synthetic
 from rlpt_fast.data import load_database, load_queries, load_rows, open_image
 from rlpt_fast.rewards import score
@@ -87,7 +85,7 @@ def test_round_trip_through_loaders_prompts_rewards_metrics(tmp_path):
 
 
 def test_prompts_build_on_the_synthetic_world(tmp_path):
-    testing = pytest.importorskip("rlpt_fast.testing")
+    from rlpt_fast import testing
     from rlpt_fast.image_processing import num_image_tokens
     from rlpt_fast.prompts import PromptBuilder, row_rng
 

@@ -15,7 +15,7 @@ from rlpt_fast.rollout.scheduler import Scheduler, SchedulerConfig
 from rlpt_fast.rollout.sequence import Sequence, StopRule
 
 pytestmark = pytest.mark.skipif(not host_path.native_available(),
-                                reason=f"rlpt_fast._host not built ({host_path.native_import_error()})")
+                                reason=f"rlpt_fast._host not built ({host_path.native_import_error()}); CI and the dev machine build it with `pip install -e .` (needs a C++ compiler)")
 native = host_path.resolve("auto")
 
 

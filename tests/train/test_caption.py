@@ -58,7 +58,7 @@ def test_caption_file_is_repics_format_and_scores(tmp_path, ckpt, world, capsys)
 REPIC = Path(os.environ.get("RLPT_REPIC_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data" / "repic"))
 
 
-@pytest.mark.skipif(not (REPIC / "queries" / "4_concept_query_templates.json").is_file(), reason="RePIC data absent")
+@pytest.mark.skipif(not (REPIC / "queries" / "4_concept_query_templates.json").is_file(), reason="RePIC data absent (../shared/data/repic or $RLPT_REPIC_DATA); runs on the dev machine and in CI, which have it")
 def test_caption_rows_line_up_with_repics_own_caption_file(tmp_path, ckpt):
     """On RePIC's 4-concept set: image strings, keys and questions in the order of their file."""
     out = tmp_path / "caps4.json"

@@ -19,7 +19,8 @@ def test_triton_kernels_give_the_reference_step(make_config, monkeypatch):
     if not torch.cuda.is_available():
         import os
         if os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.skip("needs a GPU or TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+            pytest.skip("needs a GPU or TRITON_INTERPRET=1; tests/conftest.py sets it without CUDA, so "
+                        "CI and the dev machine run it in the interpreter")
     m_ref, w_ref = _one_step(make_config, monkeypatch, "torch")
     m_tri, w_tri = _one_step(make_config, monkeypatch, "triton")
     for k in ("loss", "kl", "grad_norm", "reward_mean"):
