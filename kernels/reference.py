@@ -123,3 +123,32 @@ def _aggregate(per_token_loss, mf, cfg: GRPOLossConfig) -> torch.Tensor:
         return (per_token_loss * mf).sum() / (per_token_loss.size(0) * length)
     items = mf.sum() if cfg.num_items_in_batch is None else mf.new_tensor(cfg.num_items_in_batch)
     return (per_token_loss * mf).sum() / items.clamp(min=1.0)
+
+
+# ---- the decoder's small ops (rlpt_kernels.decode_ops): eager torch, the rounding the model has ----
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x.float() * rsqrt(mean(x.float()^2, -1) + eps)).to(x.dtype): x (..., H), weight (H,)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(residual + x, weight, eps), residual + x): x, residual (..., H), weight (H,)."""
+    stream = residual + x
+    return rms_norm(stream, weight, eps), stream
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """F.silu(gate) * up in their dtype: gate, up (..., I)."""
+    return torch.nn.functional.silu(gate) * up
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+           signed_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x * cos + x.roll(D/2, -1) * signed_sin for x = q (N, Hq, D) and k (N, Hk, D);
+    cos, signed_sin (N, 1, D) (or (N, D)) from rlpt_fast's rope.rotary_tables."""
+    n, d = q.shape[0], q.shape[-1]
+    cos, signed_sin = cos.reshape(n, 1, d), signed_sin.reshape(n, 1, d)
+    return tuple(x * cos + x.roll(d // 2, -1) * signed_sin for x in (q, k))
