@@ -40,6 +40,8 @@ def _run(self, *args, grid, warmup, **kwargs):
     bound = sig.bind(*args, **{k: v for k, v in kwargs.items() if k in sig.parameters})
     bound.apply_defaults()
     desc = {k: _describe(v) for k, v in bound.arguments.items()}
+    if "num_warps" in kwargs:  # a launch option, not a parameter: built with it too
+        desc["num_warps"] = ["value", kwargs["num_warps"]]
     key = json.dumps([self.fn.__module__, self.fn.__name__, desc], sort_keys=True)
     _seen[key] = 1
     return _orig(self, *args, grid=grid, warmup=warmup, **kwargs)
@@ -65,18 +67,32 @@ def record(pytest_args: list[str], log: Path) -> list:
 # The device runs the rollout kernels in bf16 at Qwen2.5-VL's shapes (head_dim 128; 3B: 16 query
 # heads over 2 KV heads, 7B: 28 over 4; 16-token pages) and the loss kernels on bf16 logits. The
 # CPU tests launch them in fp32 at small shapes, so each launch is also built at those shapes.
-BF16_ARGS = {"Q", "K", "V", "K_cache", "V_cache", "Out", "logits_ptr"}
+BF16_ARGS = {"Q", "K", "V", "K_cache", "V_cache", "Out", "logits_ptr",
+             # the decoder's fused inference ops (kernels/decode_ops.py)
+             "X", "Res", "W", "ResOut", "Gate", "Up", "Cos", "Sin", "QOut", "KOut"}
 HOPPER_CONSTEXPRS = [{"HEAD_DIM": 128, "BLOCK_D": 128, "GROUP": 8, "BLOCK_G": 16, "PAGE": 16, "IEEE": False},
                      {"HEAD_DIM": 128, "BLOCK_D": 128, "GROUP": 7, "BLOCK_G": 16, "PAGE": 16, "IEEE": False}]
 
 
-def hopper_variants(desc: dict) -> list[dict]:
-    """`desc` again with bf16 inputs, and at each of Qwen's attention shapes where it has them."""
+# The decoder's fused ops at Qwen2.5-VL 3B / 7B: hidden 2048 / 3584 (rows of 2048 / 4096),
+# intermediate 11008 / 18944 (blocks of 2048), 16 / 28 query heads over 2 / 4 KV heads of 128.
+DECODE_OP_CONSTEXPRS = {
+    "_rms_norm_kernel": [{"BLOCK_H": 2048, "HAS_RES": r, "num_warps": 8} for r in (False, True)]
+                        + [{"BLOCK_H": 4096, "HAS_RES": r, "num_warps": 16} for r in (False, True)],
+    "_silu_mul_kernel": [{"BLOCK": 2048}],
+    "_rotary_kernel": [{"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_HQ": 16, "BLOCK_HK": 2},
+                       {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_HQ": 32, "BLOCK_HK": 4}],
+}
+
+
+def hopper_variants(name: str, desc: dict) -> list[dict]:
+    """`desc` again with bf16 inputs, and at each of Qwen's shapes where it has them (attention
+    kernels by their HEAD_DIM, the decoder's fused ops by name)."""
     bf16 = {k: ["tensor", "bfloat16"] if k in BF16_ARGS and v[0] == "tensor" else v for k, v in desc.items()}
     if "IEEE" in bf16:  # fp32-exact dots are asked for fp32 caches only
         bf16["IEEE"] = ["value", False]
-    shaped = [{**bf16, **{k: ["value", c] for k, c in cfg.items() if k in desc}} for cfg in HOPPER_CONSTEXPRS
-              if "HEAD_DIM" in desc]
+    configs = DECODE_OP_CONSTEXPRS.get(name) or (HOPPER_CONSTEXPRS if "HEAD_DIM" in desc else [])
+    shaped = [{**bf16, **{k: ["value", c] for k, c in cfg.items() if k in desc}} for cfg in configs]
     return [bf16, *shaped]
 
 
@@ -90,7 +106,7 @@ def build(launches: list) -> int:
 
     target = GPUTarget("cuda", 90, 32)
     failures, done = 0, set()
-    launches = [(m, n, v) for m, n, d in launches for v in (d, *hopper_variants(d))]
+    launches = [(m, n, v) for m, n, d in launches for v in (d, *hopper_variants(n, d))]
     for module, name, desc in launches:
         fn = getattr(importlib.import_module(module), name)
         signature, constexprs = {}, {}
@@ -103,12 +119,15 @@ def build(launches: list) -> int:
                 signature[p.name] = mangle_type(value)
                 if signature[p.name] == "constexpr":
                     constexprs[p.name] = value
+        options = {"num_warps": desc["num_warps"][1]} if "num_warps" in desc else {}
         label = f"{module}.{name} " + ",".join(f"{k}={v}" for k, v in signature.items() if v != "constexpr")
+        label += "".join(f" {k}={v}" for k, v in options.items())
         if (label, repr(constexprs)) in done:
             continue
         done.add((label, repr(constexprs)))
         try:
-            kernel = triton.compile(triton.compiler.ASTSource(fn, signature, constexprs), target=target)
+            kernel = triton.compile(triton.compiler.ASTSource(fn, signature, constexprs), target=target,
+                                    options=options)
             smem = kernel.metadata.shared
             status = "ok  " if smem <= SMEM_LIMIT else "FAIL"
             failures += smem > SMEM_LIMIT
