@@ -5,6 +5,10 @@ with A (r, in) Kaiming-uniform and B (out, r) zero at init, as peft does. Module
 peft's (`base_layer`, `lora_A`, `lora_B`), so our module `model.language_model.layers.0.mlp.up_proj`
 saves as `base_model.model.model.language_model.layers.0.mlp.up_proj.lora_A.weight`, the key peft
 0.21 writes for the transformers model. Files (PEFT layout, merging) are in lora_io.py.
+
+Without gradients (no_grad / inference mode) and with dropout off, forward takes the three-kernel
+path of lora_inference.py over a cache of the adapter in the activations' dtype; `pinned_lora_caches(model)`
+refreshes every cache in place and pins it for a block (the engine wraps generate and graph capture in it).
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import lora_inference as _inference
 
 PEFT_PREFIX = "base_model.model."
 
@@ -85,7 +91,9 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.scaling = alpha / r
+        self.dropout_p = dropout
         self.disabled = False
+        self.inference_cache = _inference.InferenceCache()  # a plain attribute: in no state_dict
         self.train(base_layer.training)  # wrapping an eval-mode model must not switch dropout on
 
     @property
@@ -117,6 +125,9 @@ class LoRALinear(nn.Module):
         y = self.base_layer(x)
         if self.disabled:
             return y
+        if (not torch.is_grad_enabled() and (self.dropout_p == 0.0 or not self.training)
+                and y.dtype is x.dtype and _inference.ENABLED):
+            return _inference.add_low_rank_(y, x, *self.inference_cache.operands(self, x.dtype))
         return y + F.linear(self.low_rank(x), self.lora_B.weight.to(x.dtype))
 
 
@@ -159,6 +170,29 @@ def adapter_disabled(model: nn.Module):
     finally:
         for m, was in zip(layers, before):
             m.disabled = was
+
+
+def refresh_lora_caches(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Brings every LoRA layer's inference cache up to date (in place where its storage fits: CUDA
+    graphs captured over it see the new values) for activations of `dtype` (None: each base
+    weight's dtype). Returns how many caches were recomputed (those whose key changed)."""
+    return sum(m.inference_cache.update(m, dtype or m.base_layer.weight.dtype) for _, m in lora_layers(model))
+
+
+@contextmanager
+def pinned_lora_caches(model: nn.Module, dtype: torch.dtype | None = None):
+    """Refreshes every cache, then pins it for the block: forward skips the staleness check there.
+    The adapters must not change inside the block (the engine's generate and graph capture)."""
+    refresh_lora_caches(model, dtype)
+    caches = [m.inference_cache for _, m in lora_layers(model)]
+    before = [c.pinned for c in caches]
+    for c in caches:
+        c.pinned = True
+    try:
+        yield model
+    finally:
+        for c, was in zip(caches, before):
+            c.pinned = was
 
 
 def lm_head_weight(model: nn.Module) -> torch.Tensor:
