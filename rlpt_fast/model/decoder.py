@@ -4,6 +4,16 @@ Flat over tokens: hidden states are (N, H) for N concatenated tokens; the attent
 passed to `forward_hidden` owns masking, KV caching and the GQA head mapping. Module and parameter
 names follow transformers 5 (`layers.{i}.self_attn.q_proj`, ...) so checkpoints and PEFT adapter
 keys line up, and every projection is an nn.Linear called as a module so LoRA can wrap it.
+
+Two ways through the layers, chosen once per forward (`use_fused_ops`):
+- eager: transformers' ops one by one; the only path autograd sees (training, gradient checkpointing).
+- fused: when no gradient is needed and the kernels' backend is Triton (CUDA tensors, or
+  RLPT_KERNELS_BACKEND=triton), the small ops run as rlpt_kernels' one-launch kernels: a layer
+  takes (its input before the residual add, the residual stream) and returns the same pair for
+  the next one, so each residual add shares a launch with the norm that follows it (vLLM's
+  layout); rotary for q and k is one launch, SiLU * up one more. A decode step at batch 128 is
+  launch-bound, so the ~35 kernels per layer matter, not their bytes. Each layer still touches
+  only its own weights (FSDP gathers one block at a time).
 """
 from __future__ import annotations
 
@@ -11,6 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+import rlpt_kernels
+from rlpt_kernels.backend import backend_for
 
 from .attention import AttentionFn
 from .config import ModelConfig
@@ -33,6 +46,12 @@ class RMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
+    def fused(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual) in one launch; residual None: (norm(x), x)."""
+        if residual is None:
+            return rlpt_kernels.rms_norm(x, self.weight, self.eps), x
+        return rlpt_kernels.add_rms_norm(x, residual, self.weight, self.eps)
+
 
 class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -45,13 +64,17 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionFn,
-                layer_idx: int) -> torch.Tensor:
-        """cos, sin: rope.rotary_tables (N, 1, D)."""
+                layer_idx: int, fused: bool = False) -> torch.Tensor:
+        """cos, sin: rope.rotary_tables (N, 1, D). fused: q and k rotated by one kernel."""
         n = x.shape[0]
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        out = attn(layer_idx, apply_rotary_tables(q, cos, sin), apply_rotary_tables(k, cos, sin), v)  # (N, Hq, D)
+        if fused:
+            q, k = rlpt_kernels.rotary(q, k, cos, sin)
+        else:
+            q, k = apply_rotary_tables(q, cos, sin), apply_rotary_tables(k, cos, sin)
+        out = attn(layer_idx, q, k, v)  # (N, Hq, D)
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 
 
@@ -64,8 +87,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden, inner, bias=False)
         self.down_proj = nn.Linear(inner, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(rlpt_kernels.silu_mul(gate, up) if fused else F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -77,9 +101,21 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionFn) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, self.layer_idx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionFn,
+                residual: torch.Tensor | None = None, fused: bool = False):
+        """Eager: x (N, H) -> x + attention + MLP (N, H).
+
+        fused (module docstring): x is the previous layer's MLP output and residual the stream
+        before it (None at layer 0, where x is the embeddings); returns (this layer's MLP output,
+        the stream before it), both (N, H). Called as a module either way (FSDP's hooks).
+        """
+        if not fused:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, self.layer_idx)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        h, residual = self.input_layernorm.fused(x, residual)
+        h, residual = self.post_attention_layernorm.fused(
+            self.self_attn(h, cos, sin, attn, self.layer_idx, fused=True), residual)
+        return self.mlp(h, fused=True), residual
 
 
 class TextModel(nn.Module):
@@ -103,6 +139,11 @@ class TextModel(nn.Module):
             raise ValueError(f"positions must be (3, {embeds.shape[0]}), got {tuple(positions.shape)}")
         cfg = self.cfg
         cos, sin = rotary_tables(*mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, embeds.dtype))
+        if self.use_fused_ops(embeds):
+            x, residual = embeds, None
+            for layer in self.layers:
+                x, residual = layer(x, cos, sin, attn, residual, fused=True)
+            return self.norm.fused(x, residual)[0]
         x = embeds
         for layer in self.layers:
             if gradient_checkpointing and torch.is_grad_enabled():
@@ -110,3 +151,12 @@ class TextModel(nn.Module):
             else:
                 x = layer(x, cos, sin, attn)
         return self.norm(x)
+
+    def use_fused_ops(self, embeds: torch.Tensor) -> bool:
+        """Whether forward_hidden takes the fused inference path: the kernels' backend for these
+        tensors is Triton, and nothing asks for a gradient (the fused kernels have no backward)."""
+        if backend_for(embeds) != "triton":
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        return not (embeds.requires_grad or any(p.requires_grad for p in self.parameters()))

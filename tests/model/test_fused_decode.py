@@ -1,0 +1,93 @@
+"""The decoder's fused inference path (rlpt_kernels' one-launch norm/rotary/SwiGLU kernels, taken
+when no gradient is needed and the kernels' backend is Triton) against the eager path: the same
+logits (fp32, the kernels in Triton's interpreter on CPU), the same greedy tokens from the engine,
+and training untouched (autograd never sees the fused kernels)."""
+import pytest
+import torch
+
+import rlpt_kernels
+from rlpt_fast.model import load_model
+from rlpt_fast.rollout import Engine, Request, SamplingParams
+from rlpt_fast.testing import write_tiny_checkpoint
+
+FUSED_OPS = ("rms_norm", "add_rms_norm", "silu_mul", "rotary")
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts calls of each fused op by the decoder (it calls them as rlpt_kernels.<op>)."""
+    counts = dict.fromkeys(FUSED_OPS, 0)
+    for name in FUSED_OPS:
+        def counted(*args, _fn=getattr(rlpt_kernels, name), _name=name):
+            counts[_name] += 1
+            return _fn(*args)
+        monkeypatch.setattr(rlpt_kernels, name, counted)
+    return counts
+
+
+def _logits(model, ids, pixels, grid, backend, monkeypatch):
+    monkeypatch.setenv("RLPT_KERNELS_BACKEND", backend)
+    with torch.no_grad():
+        return model.logits(ids, pixels, grid)
+
+
+def _image_prompt(cfg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    grid = torch.tensor([[1, 4, 6]])
+    n_img = 4 * 6 // cfg.vision.spatial_merge_size ** 2
+    ids = torch.cat([torch.randint(0, 300, (5,), generator=g), torch.tensor([cfg.vision_start_token_id]),
+                     torch.full((n_img,), cfg.image_token_id), torch.tensor([cfg.vision_end_token_id]),
+                     torch.randint(0, 300, (7,), generator=g)])
+    return ids, torch.randn(24, cfg.vision.patch_dim, generator=g), grid
+
+
+def test_fused_logits_match_eager_with_an_image(tiny_ckpt, launches, monkeypatch):
+    model = load_model(tiny_ckpt, dtype=torch.float32).eval()
+    ids, pixels, grid = _image_prompt(model.config)
+    eager = _logits(model, ids, pixels, grid, "torch", monkeypatch)
+    assert sum(launches.values()) == 0
+    fused = _logits(model, ids, pixels, grid, "triton", monkeypatch)
+    layers = model.config.num_hidden_layers
+    # layer 0's input norm alone, then every other norm with the residual add before it
+    assert launches == {"rms_norm": 1, "add_rms_norm": 2 * layers, "silu_mul": layers, "rotary": layers}
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_logits_match_eager_at_odd_shapes(tmp_path, monkeypatch):
+    """hidden 36 (not a power of two), 3 query heads over 1 KV head of 12, intermediate 100."""
+    path = write_tiny_checkpoint(tmp_path, "qwen2_5_vl", seed=1, hidden_size=36, num_attention_heads=3,
+                                 num_key_value_heads=1, intermediate_size=100, num_hidden_layers=3)
+    model = load_model(path, dtype=torch.float32).eval()
+    ids = torch.randint(0, 300, (11,), generator=torch.Generator().manual_seed(2))
+    eager = _logits(model, ids, None, None, "torch", monkeypatch)
+    fused = _logits(model, ids, None, None, "triton", monkeypatch)
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_training_forward_stays_eager_under_the_triton_backend(tiny_ckpt, launches, monkeypatch):
+    model = load_model(tiny_ckpt, dtype=torch.float32)
+    ids = torch.randint(0, 300, (9,), generator=torch.Generator().manual_seed(3))
+    monkeypatch.setenv("RLPT_KERNELS_BACKEND", "triton")
+    model.logits(ids).float().pow(2).mean().backward()
+    assert sum(launches.values()) == 0
+    grad = model.model.language_model.layers[0].mlp.gate_proj.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    model.requires_grad_(False)  # nothing needs a gradient: fused even with grad mode on
+    assert model.model.language_model.use_fused_ops(model.embed(ids))
+
+
+def test_engine_greedy_tokens_equal_with_fused_decoder(tiny_ckpt, launches, monkeypatch):
+    model = load_model(tiny_ckpt, dtype=torch.float32).eval()
+    prompts = [_image_prompt(model.config, seed=4),
+               (torch.randint(0, 300, (13,), generator=torch.Generator().manual_seed(5)), None, None)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outs = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("RLPT_KERNELS_BACKEND", backend)
+        got = Engine(model, num_blocks=32, block_size=4).generate([Request(*p) for p in prompts], params)
+        outs[backend] = [o[0].token_ids for o in got]
+        logprobs = [o[0].logprobs for o in got]
+        outs[backend + " logprobs"] = torch.tensor(logprobs)
+        assert (launches["rotary"] > 0) == (backend == "triton")  # prefill and decode steps fused
+    assert outs["triton"] == outs["torch"]
+    torch.testing.assert_close(outs["triton logprobs"], outs["torch logprobs"], rtol=1e-4, atol=1e-4)
