@@ -175,7 +175,10 @@ def adapter_disabled(model: nn.Module):
 def refresh_lora_caches(model: nn.Module, dtype: torch.dtype | None = None) -> int:
     """Brings every LoRA layer's inference cache up to date (in place where its storage fits: CUDA
     graphs captured over it see the new values) for activations of `dtype` (None: each base
-    weight's dtype). Returns how many caches were recomputed (those whose key changed)."""
+    weight's dtype). Returns how many caches were recomputed (those whose key changed); none while
+    lora_inference.ENABLED is off (nothing reads them then)."""
+    if not _inference.ENABLED:
+        return 0
     return sum(m.inference_cache.update(m, dtype or m.base_layer.weight.dtype) for _, m in lora_layers(model))
 
 

@@ -12,6 +12,12 @@ dropout) under no_grad for the call (decode steps without CUDA graphs under infe
 make no tensor that outlives the call) and is put back as it was. The engine holds no global state:
 several engines on one model are allowed (each has its own cache).
 
+LoRA: each generate call (and each CUDA graph capture) first refreshes every adapter's inference
+cache in place (lora.pinned_lora_caches: A and scaling * B in the activations' dtype, three kernels
+per adapted Linear) and pins it for the call. A graph replay runs no Python and so checks nothing:
+this refresh is what makes the next generate after an optimizer step use the new adapter weights.
+Capture runs in eval mode too, so an engine built on a model in train mode records no LoRA dropout.
+
 engine.stats (running totals): prefill_tokens (tokens computed by prefill, recomputation after
 preemption included, prefix-cache hits excluded), decode_tokens, preemptions, generated_tokens,
 prefill_steps / decode_steps and prefill_seconds / decode_seconds (host clock; each step ends with
@@ -21,9 +27,11 @@ from __future__ import annotations
 
 import hashlib
 import time
+from contextlib import contextmanager
 
 import torch
 
+from rlpt_fast.model.lora import pinned_lora_caches
 from rlpt_fast.rollout.block_manager import BlockManager
 from rlpt_fast.rollout.config import EngineConfig
 from rlpt_fast.rollout.model_runner import ModelRunner
@@ -37,7 +45,7 @@ class Engine:
         """config: the fields of EngineConfig (block_size, num_blocks, max_num_seqs, ...)."""
         self.config = EngineConfig(**config)
         self.model = model
-        with torch.no_grad():
+        with self._inference():  # the runner captures CUDA graphs over the LoRA caches
             self.runner = ModelRunner(model, self.config)
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
@@ -56,7 +64,19 @@ class Engine:
     def recapture(self) -> None:
         """Re-record the decode CUDA graphs (after parameters were replaced, not updated in place)."""
         if self.runner.graphs is not None:
-            self.runner.graphs.capture()
+            with self._inference():
+                self.runner.graphs.capture()
+
+    @contextmanager
+    def _inference(self):
+        """Eval mode, no_grad, LoRA caches refreshed in place and pinned; the mode is put back."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), pinned_lora_caches(self.model):
+                yield
+        finally:
+            self.model.train(was_training)
 
     def generate(self, requests: list[Request], params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[list[Completion]]:
@@ -65,14 +85,11 @@ class Engine:
         plist = params if isinstance(params, list) else [params] * len(requests)
         if len(plist) != len(requests):
             raise ValueError(f"generate got {len(requests)} requests but {len(plist)} SamplingParams")
-        was_training = self.model.training
-        self.model.eval()
         try:
-            with torch.no_grad():
+            with self._inference():  # refreshes the LoRA caches the CUDA graphs read: see the docstring
                 return self._generate(requests, plist)
         finally:
             self.runner.clear_requests()
-            self.model.train(was_training)
 
     def _generate(self, requests: list[Request], plist: list[SamplingParams]) -> list[list[Completion]]:
         for i, (req, p) in enumerate(zip(requests, plist)):
