@@ -120,8 +120,8 @@ def test_bf16_add_rms_norm(hidden):
     exact = _rms64(stream, w, 1e-6)
     assert _rel(normed, exact) <= 2 * _rel(plain_normed, exact)
     assert _rel(rms_norm(x, w, 1e-6), _rms64(x, w, 1e-6)) <= 2 * _rel(reference.rms_norm(x, w, 1e-6), _rms64(x, w, 1e-6))
-    # the same rounding points as eager: at most one bf16 step apart anywhere, and rarely that
-    assert (normed.float() - plain_normed.float()).abs().le(plain_normed.float().abs() * 2 ** -7 + 1e-6).all()
+    # the same rounding points as eager: a flip of the inner rounding then the outer one at most
+    assert (normed.float() - plain_normed.float()).abs().le(plain_normed.float().abs() * 2 ** -6 + 1e-6).all()
 
 
 @pytest.mark.gpu

@@ -91,3 +91,30 @@ def test_engine_greedy_tokens_equal_with_fused_decoder(tiny_ckpt, launches, monk
         assert (launches["rotary"] > 0) == (backend == "triton")  # prefill and decode steps fused
     assert outs["triton"] == outs["torch"]
     torch.testing.assert_close(outs["triton logprobs"], outs["torch logprobs"], rtol=1e-4, atol=1e-4)
+
+
+# ---- on the device: the fused path is the default there ----------------------------------------
+@pytest.mark.gpu
+def test_bf16_fused_logits_as_close_to_fp32_as_eager_bf16(tiny_ckpt, monkeypatch):
+    ids = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(6))
+    exact = load_model(tiny_ckpt, dtype=torch.float32, device="cuda").eval()
+    model = load_model(tiny_ckpt, dtype=torch.bfloat16, device="cuda").eval()
+    want = _logits(exact, ids, None, None, "torch", monkeypatch).double()
+    eager = _logits(model, ids, None, None, "torch", monkeypatch).double()
+    fused = _logits(model, ids, None, None, "auto", monkeypatch).double()
+    assert model.model.language_model.use_fused_ops(model.embed(ids.cuda()))
+    err = lambda a: ((a - want).norm() / want.norm()).item()  # noqa: E731
+    assert err(fused) <= 2 * err(eager)
+
+
+@pytest.mark.gpu
+def test_engine_on_cuda_graphs_same_greedy_tokens_fused_and_eager(tiny_ckpt, monkeypatch):
+    model = load_model(tiny_ckpt, dtype=torch.float32, device="cuda").eval()
+    prompts = [(torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n)), None, None) for n in (7, 19, 30)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outs = {}
+    for backend in ("torch", "auto"):  # auto on CUDA: the fused decoder, inside the decode graphs
+        monkeypatch.setenv("RLPT_KERNELS_BACKEND", backend)
+        got = Engine(model).generate([Request(*p) for p in prompts], params)
+        outs[backend] = [o[0].token_ids for o in got]
+    assert outs["auto"] == outs["torch"]
