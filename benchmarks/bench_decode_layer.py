@@ -100,8 +100,8 @@ class _LaunchCounter(TorchDispatchMode):
     writes memory: it mutates, or returns a tensor in storage none of its inputs has (views,
     allocations and dtype queries do not). The aten ops the interpreter itself runs around a
     Triton launch are not counted."""
-    ALLOCATIONS = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
-                   torch.ops.aten.empty_like.default}
+    ALLOCATIONS = frozenset({torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
+                   torch.ops.aten.empty_like.default})
 
     def __init__(self):
         super().__init__()

@@ -17,11 +17,15 @@ FUSED_OPS = ("rms_norm", "add_rms_norm", "silu_mul", "rotary")
 def launches(monkeypatch):
     """Counts calls of each fused op by the decoder (it calls them as rlpt_kernels.<op>)."""
     counts = dict.fromkeys(FUSED_OPS, 0)
+
+    def counting(name, fn):
+        def counted(*args):
+            counts[name] += 1
+            return fn(*args)
+        return counted
+
     for name in FUSED_OPS:
-        def counted(*args, _fn=getattr(rlpt_kernels, name), _name=name):
-            counts[_name] += 1
-            return _fn(*args)
-        monkeypatch.setattr(rlpt_kernels, name, counted)
+        monkeypatch.setattr(rlpt_kernels, name, counting(name, getattr(rlpt_kernels, name)))
     return counts
 
 
@@ -93,6 +97,10 @@ def test_engine_greedy_tokens_equal_with_fused_decoder(tiny_ckpt, launches, monk
     torch.testing.assert_close(outs["triton logprobs"], outs["torch logprobs"], rtol=1e-4, atol=1e-4)
 
 
+def _rel(a, exact):
+    return ((a - exact).norm() / exact.norm()).item()
+
+
 # ---- on the device: the fused path is the default there ----------------------------------------
 @pytest.mark.gpu
 def test_bf16_fused_logits_as_close_to_fp32_as_eager_bf16(tiny_ckpt, monkeypatch):
@@ -103,8 +111,7 @@ def test_bf16_fused_logits_as_close_to_fp32_as_eager_bf16(tiny_ckpt, monkeypatch
     eager = _logits(model, ids, None, None, "torch", monkeypatch).double()
     fused = _logits(model, ids, None, None, "auto", monkeypatch).double()
     assert model.model.language_model.use_fused_ops(model.embed(ids.cuda()))
-    err = lambda a: ((a - want).norm() / want.norm()).item()  # noqa: E731
-    assert err(fused) <= 2 * err(eager)
+    assert _rel(fused, want) <= 2 * _rel(eager, want)
 
 
 @pytest.mark.gpu
