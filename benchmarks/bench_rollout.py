@@ -15,6 +15,14 @@ cascade decode reads, the default). Goals: CPU (tiny model, small shapes) >= 3x 
 
     python benchmarks/bench_rollout.py                      # auto: GPU 3B shape, else CPU tiny
     python benchmarks/bench_rollout.py --batch 4 --new-tokens 64
+    python benchmarks/bench_rollout.py --lora 64            # the trainer's rollout: LoRA r 64
+
+--lora R: LoRA rank R on every decoder Linear and lm_head (fp32 adapters, B non-zero) and three
+engines timed alternately in one run: the cached inference path (model/lora_inference.py, 3 kernels
+per Linear), the per-call cast path it replaced (lora_inference.ENABLED = False; env
+RLPT_LORA_INFERENCE_CACHE=0 does the same for any run), and the adapter off (the floor of what LoRA
+can cost). No generate baseline then (it has no adapter); floors add the adapters' bytes in the
+model's dtype. On the CPU in fp32 the casts are no-ops: the cached path saves only ops there.
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ import json
 import sys
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -49,6 +58,8 @@ def parse_args() -> argparse.Namespace:
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=["auto", "tiny", "3b"], default="auto", help="auto: 3b on GPU, tiny on CPU")
     m.add_argument("--device", default="cuda" if gpu else "cpu")
+    m.add_argument("--lora", type=int, default=0, metavar="R",
+                   help="LoRA rank R on every decoder Linear and lm_head: cached vs per-call cast vs adapter off")
     m.add_argument("--threads", type=int, default=1,
                    help="CPU threads (1: small ops on a shared machine are fastest and steadiest)")
     e = p.add_argument_group("engine")
@@ -159,6 +170,42 @@ def timed(fn, device):
     return wall, peak, out
 
 
+def add_lora(model, r: int) -> int:
+    """LoRA r (alpha 2r, fp32 adapters) on every decoder Linear and lm_head, B ~ N(0, 0.02^2);
+    returns the adapters' bytes in the model's dtype."""
+    from rlpt_fast.model.lora import LoRAConfig, apply_lora, lora_layers
+
+    apply_lora(model, LoRAConfig(r=r, alpha=2.0 * r, dropout=0.0))
+    gen = torch.Generator().manual_seed(0)
+    numel = 0
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            b = layer.lora_B.weight
+            b.copy_(torch.randn(b.shape, generator=gen) * 0.02)
+            numel += b.numel() + layer.lora_A.weight.numel()
+    return numel * model.dtype.itemsize
+
+
+def engine_variants(model, lora: bool) -> list[tuple[str, object]]:
+    """(row name, context factory) of each engine timed; the first one gives the summary."""
+    if not lora:
+        return [("rlpt Engine", nullcontext)]
+    from rlpt_fast.model import lora_inference
+    from rlpt_fast.model.lora import adapter_disabled
+
+    @contextmanager
+    def cache(enabled: bool):
+        before = lora_inference.ENABLED
+        lora_inference.ENABLED = enabled
+        try:
+            yield
+        finally:
+            lora_inference.ENABLED = before
+
+    return [("LoRA cached", lambda: cache(True)), ("LoRA per-call cast", lambda: cache(False)),
+            ("adapter off", lambda: adapter_disabled(model))]
+
+
 def decode_floor_ms(model, prompts, args, bandwidth_gbps: float, shared: bool = False) -> float:
     """(weights + KV read by one decode step at the run's mean context) / bandwidth. shared: the
     prompt's KV counted once per group (what the cascade decode must read), else once per sample."""
@@ -188,17 +235,33 @@ def main() -> None:
     generated = args.batch * args.group * args.new_tokens
     floor = decode_floor_ms(ours, prompts, args, ceil.copy_gbps)
     shared_floor = decode_floor_ms(ours, prompts, args, ceil.copy_gbps, shared=True)
-    eng_runs, hf_runs = [], []
+    if args.lora:
+        lora_ms = 1e3 * add_lora(ours, args.lora) / (ceil.copy_gbps * 1e9)
+        floor, shared_floor = floor + lora_ms, shared_floor + lora_ms
+        report.card["lora"] = f"r{args.lora} on every decoder Linear and lm_head, fp32 adapters"
+        args.skip_hf = True  # generate's model has no adapter
+        print(report.card["lora"] + "; floors include the adapters' bytes in the model's dtype")
+    variants = engine_variants(ours, bool(args.lora))
+    eng_runs, hf_runs = {name: [] for name, _ in variants}, []
     for _ in range(args.repeat):
-        eng_runs.append(run_engine(ours, prompts, args, args.device))
+        for name, context in variants:
+            with context():
+                eng_runs[name].append(run_engine(ours, prompts, args, args.device))
         if not args.skip_hf:
             hf_runs.append(run_hf(theirs, prompts, args, args.device))
-    eng = min(eng_runs, key=lambda r: r["wall_s"])
-    report.rows.append(dict(engine="rlpt Engine", **eng, tokens_per_s=generated / eng["wall_s"], floor_ms=floor,
-                            step_over_floor=eng["decode_step_ms"] / floor, shared_floor_ms=shared_floor))
+    best = {name: min(runs, key=lambda r: r["wall_s"]) for name, runs in eng_runs.items()}
+    for name, run in best.items():
+        report.rows.append(dict(engine=name, **run, tokens_per_s=generated / run["wall_s"], floor_ms=floor,
+                                step_over_floor=run["decode_step_ms"] / floor, shared_floor_ms=shared_floor))
+    eng = best[variants[0][0]]
     summary = dict(engine_tokens_per_s=generated / eng["wall_s"], decode_step_over_floor=eng["decode_step_ms"] / floor,
                    decode_step_over_shared_floor=eng["decode_step_ms"] / shared_floor, repeats=args.repeat,
                    cascade=not args.no_cascade)
+    if args.lora:
+        steps = {name: run["decode_step_ms"] for name, run in best.items()}
+        summary.update(lora_rank=args.lora, decode_step_ms=steps,
+                       cast_over_cached=steps["LoRA per-call cast"] / steps["LoRA cached"],
+                       cached_over_adapter_off=steps["LoRA cached"] / steps["adapter off"])
     if hf_runs:
         hf = min(hf_runs, key=lambda r: r["wall_s"])
         report.rows.append(dict(engine="HF generate", **hf, tokens_per_s=generated / hf["wall_s"]))
