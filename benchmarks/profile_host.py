@@ -6,8 +6,9 @@ move to C++ (csrc/): if the host's share of a decode step is above 10%, it must.
 Each decode step ends in one host sync (the sampled tokens go to the host for stop detection).
 Two figures per step:
   host_ms = step - wait, where `wait` is the time the host spends blocked at that sync (measured
-    with a synchronize placed right before the step's own, which then returns at once). An upper
-    bound: the sampler's launches after the graph replay are host work that overlaps the GPU.
+    with a synchronize placed right after the runner's decode (forward and sampling, replayed from
+    CUDA graphs on the GPU) returns, before the step's own sync, which then returns at once). An
+    upper bound: the graph launches themselves are host work that overlaps the GPU.
   gpu_idle_ms = from that sync's return to the next decode graph's launch: postprocess, schedule
     and input building, during which the GPU has nothing queued. The share that counts.
 Then it runs the same generate again under cProfile and prints the functions with the most host
@@ -41,27 +42,27 @@ from rlpt_fast.rollout.host_path import native_available
 
 
 class SyncWait:
-    """Wraps the runner's sampler: after each decode step's sampling, waits for the device and
-    adds the time blocked to `seconds` (prefill steps are not counted)."""
+    """Wraps the runner's decode (forward + sampling, on CUDA graphs or eager): after each decode
+    step's sampling, waits for the device and adds the time blocked to `seconds` (prefill steps are
+    not counted)."""
 
     def __init__(self, device: str):
-        self.device, self.seconds, self.steps, self.decode = device, 0.0, 0, False
+        self.device, self.seconds, self.steps = device, 0.0, 0
         self.idle, self.idle_steps, self.synced_at = 0.0, 0, None
-        self._sample, self._run = model_runner.sample, model_runner.ModelRunner.run
+        self._decode, self._run = model_runner.ModelRunner._decode, model_runner.ModelRunner.run
         self._replay = DecodeGraphs.run
 
     def __enter__(self) -> SyncWait:
         me = self
 
         def run(runner, batch):
-            me.decode = not batch.is_prefill
             if batch.is_prefill:  # a prefill between decode steps is not idle time
                 me.synced_at = None
             return me._run(runner, batch)
 
-        def sample(logits, tensors):
-            out = me._sample(logits, tensors)
-            if me.decode and self.device.startswith("cuda"):
+        def decode(runner, batch):
+            out = me._decode(runner, batch)
+            if self.device.startswith("cuda"):
                 t0 = time.perf_counter()
                 torch.cuda.synchronize()
                 me.synced_at = time.perf_counter()
@@ -75,11 +76,11 @@ class SyncWait:
                 me.idle_steps += 1
             return me._replay(graphs, *args)
 
-        model_runner.sample, model_runner.ModelRunner.run, DecodeGraphs.run = sample, run, replay
+        model_runner.ModelRunner._decode, model_runner.ModelRunner.run, DecodeGraphs.run = decode, run, replay
         return self
 
     def __exit__(self, *exc) -> None:
-        model_runner.sample, model_runner.ModelRunner.run = self._sample, self._run
+        model_runner.ModelRunner._decode, model_runner.ModelRunner.run = self._decode, self._run
         DecodeGraphs.run = self._replay
 
 

@@ -13,6 +13,31 @@ The graphs hold pointers to the parameters, not copies: in-place optimizer steps
 next replay. Replacing a parameter tensor (not in place), or toggling a Python-level switch such as
 disabling a LoRA adapter, is NOT seen: build a new Engine (or call engine.recapture()) after that.
 The split counts of decode attention are fixed per bucket from max_model_len.
+
+Sampling runs in graphs too: a step replays the bucket's forward graph, then a sampler graph that
+reads the forward's static logits and writes static (B,) tokens int64 and log-probs float32.
+  - Variants. The sampler's host flags (SamplingTensors: greedy, sampled, scaled, filtered) choose
+    its code path, so a sampler graph is captured per (bucket, flags), lazily at first use (a few
+    dozen kernels: milliseconds). It is the eager code path itself, so it gives the eager sampler's
+    bits for the same logits and uniforms. Why not one general graph: counted on the CPU (kernels
+    per step / passes over the (B, V) float32 logits, 78 MB each at B = 128, V = 151936; a bf16
+    model adds one cast): all greedy 4 / 2; sampled at temperature 1, no greedy row, no filter
+    (the GRPO default) 10 / 4; the general unfiltered path 16 / 6; with top-k / top-p 39 / 16
+    (a sort among them); each graph adds 4 tiny kernels (the uniform's gather, two output copies,
+    the counter). The general path would cost the default 2 more passes and everyone the filter's
+    10; a run normally uses one flag set, so one sampler graph per bucket.
+  - Why a second graph instead of forward + sampling in one: variants do not repeat the forward's
+    capture (hundreds of kernels, its memory); the price is one more graph launch per step
+    (microseconds of host time). All graphs share one memory pool and run back to back on one
+    stream, so the sampler's (B, V) intermediates reuse the pool's free blocks; the pool keeps
+    those of the largest bucket sampled (the eager sampler allocated the same every step).
+  - Per-row inputs live in static buffers: temperature, top_k, top_p, and the (max_bs, AHEAD)
+    table of uniforms that RowParams made for the rows (copied device to device when the rows
+    change or the table is remade). The sampler graph reads the column named by a device counter
+    and advances the counter by one, so a steady decode step (same rows, one position further)
+    writes nothing into these buffers: the host only checks that the step's column is the one the
+    device holds.
+  - Padding rows (b..bucket) sample with temperature 1, no filter, u = 0.5: finite, never read.
 """
 from __future__ import annotations
 
@@ -21,6 +46,7 @@ import torch
 from rlpt_fast.rollout.attention import DecodeMeta
 from rlpt_fast.rollout.cascade_attention import BLOCK_M, PrefixGroups
 from rlpt_fast.rollout.decode_attention import choose_num_splits
+from rlpt_fast.rollout.sampler import AHEAD, RowParams, SamplingTensors, sample
 
 
 class DecodeGraphs:
@@ -46,8 +72,21 @@ class DecodeGraphs:
         self.members = torch.full((self.pad_group + 1, self.max_bs), self.max_bs, dtype=torch.long, device=dev)
         self.items = torch.tensor([[self.pad_group, 0]] * items, dtype=torch.int32, device=dev)
         self.loaded_groups: PrefixGroups | None = None
+        # sampling: per-row parameters, RowParams' uniform table, the column the next step reads
+        self.temperature = torch.ones(self.max_bs, dtype=torch.float32, device=dev)
+        self.top_k = torch.zeros(self.max_bs, dtype=torch.int64, device=dev)
+        self.top_p = torch.ones(self.max_bs, dtype=torch.float32, device=dev)
+        self.uniforms = torch.full((self.max_bs, AHEAD), 0.5, dtype=torch.float32, device=dev)
+        self.column = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.tokens = torch.zeros(self.max_bs, dtype=torch.int64, device=dev)
+        self.logprobs = torch.zeros(self.max_bs, dtype=torch.float32, device=dev)
+        self.loaded_rows: RowParams | None = None
+        self.loaded_table: torch.Tensor | None = None
+        self.next_column: int | None = None  # the column the device counter holds (None: unknown)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.samplers: dict[tuple[int, tuple[bool, ...]], torch.cuda.CUDAGraph] = {}
+        self.pool = None
         self.capture()
 
     def _meta(self, b: int) -> DecodeMeta:
@@ -64,28 +103,61 @@ class DecodeGraphs:
     def _forward(self, b: int) -> torch.Tensor:
         return self.runner.decode_logits(self.ids[:b], self.positions[:, :b], self._meta(b))
 
+    def _sample(self, b: int, flags: tuple[bool, bool, bool, bool]) -> None:
+        """Samples the bucket's static logits into the static tokens / log-probs on the code path
+        of flags (greedy, sampled, scaled, filtered); advances the column counter."""
+        u = self.uniforms[:b].gather(1, self.column.expand(b, 1)).squeeze(1)                   # (b,)
+        greedy, sampled, scaled, filtered = flags
+        st = SamplingTensors(self.temperature[:b], self.top_k[:b], self.top_p[:b], u, filtered, greedy, sampled, scaled)
+        tokens, logprobs = sample(self.outputs[b], st)
+        self.tokens[:b].copy_(tokens)
+        self.logprobs[:b].copy_(logprobs)
+        self.column.add_(1)
+
+    def _record(self, fn):
+        """Warm-up call of fn (compiles kernels, settles the allocator), then fn captured into a
+        CUDA graph in the shared pool. Returns (graph, fn's output in the pool)."""
+        fn()
+        torch.cuda.synchronize(self.runner.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, self.pool):
+            out = fn()
+        self.pool = graph.pool()
+        torch.cuda.synchronize(self.runner.device)
+        return graph, out
+
     @torch.no_grad()
     def capture(self) -> None:
+        """(Re)captures the forward graphs, largest bucket first (smaller ones reuse its memory);
+        sampler graphs are dropped and captured again at first use."""
         self.graphs.clear()
         self.outputs.clear()
-        pool = None
-        for b in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory pool
-            self._forward(b)  # warm-up: compiles kernels, settles allocator state
-            torch.cuda.synchronize(self.runner.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool):
-                self.outputs[b] = self._forward(b)
-            pool = graph.pool()
-            self.graphs[b] = graph
-        torch.cuda.synchronize(self.runner.device)
+        self.samplers.clear()
+        self.pool, self.next_column = None, None
+        for b in reversed(self.buckets):
+            self.graphs[b], self.outputs[b] = self._record(lambda b=b: self._forward(b))
+
+    def _sampler(self, bucket: int, rows: RowParams):
+        """The sampler graph of the bucket for the rows' code path, captured at first use."""
+        flags = (rows.greedy, rows.sampled, rows.scaled, rows.filtered)
+        graph = self.samplers.get((bucket, flags))
+        if graph is None:
+            with torch.no_grad():
+                graph, _ = self._record(lambda: self._sample(bucket, flags))
+            self.samplers[bucket, flags] = graph
+            self.next_column = None  # the warm-up call moved the counter
+        return graph
 
     def fits(self, b: int) -> bool:
         return b <= self.max_bs
 
-    def run(self, inputs: torch.Tensor, tables: torch.Tensor, cascade) -> torch.Tensor:
-        """inputs (4, B) int64 on the device: token ids, positions, slots, context lengths;
-        tables (B, W) int32 on the device; cascade: the step's CascadeMeta or None. Returns the
-        logits (B, V), valid until the next replay."""
+    def run(self, inputs: torch.Tensor, tables: torch.Tensor, cascade, rows: RowParams,
+            positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step, forward and sampling. inputs (4, B) int64 on the device: token ids,
+        positions, slots, context lengths; tables (B, W) int32 on the device; cascade: the step's
+        CascadeMeta or None; rows: the B rows' sampling parameters; positions: each row's token
+        count (its uniform's key). Returns tokens (B,) int64 and log-probs (B,) float32, static
+        buffers valid until the next replay."""
         b = inputs.shape[1]
         bucket = next(x for x in self.buckets if x >= b)
         self.ids[:b].copy_(inputs[0])
@@ -97,8 +169,28 @@ class DecodeGraphs:
         self.tables[:b, :tables.shape[1]].copy_(tables)
         if self.cascade:
             self._load_groups(b, bucket, self.runner._groups if cascade is not None else None)
+        sampler = self._sampler(bucket, rows)
+        self._load_sampling(b, rows, rows.column(positions))
         self.graphs[bucket].replay()
-        return self.outputs[bucket][:b]
+        sampler.replay()
+        return self.tokens[:b], self.logprobs[:b]
+
+    def _load_sampling(self, b: int, rows: RowParams, column: int) -> None:
+        """Copies the rows' parameters and uniform table into the static buffers when they changed,
+        and the column when the device counter does not hold it: nothing on a steady step."""
+        if rows is not self.loaded_rows:
+            for static, value, pad in ((self.temperature, rows.temperature, 1.0), (self.top_k, rows.top_k, 0),
+                                       (self.top_p, rows.top_p, 1.0)):
+                static[:b].copy_(value)
+                static[b:].fill_(pad)
+            self.loaded_rows, self.loaded_table = rows, None
+        if rows.ahead is not self.loaded_table:
+            self.uniforms[:b].copy_(rows.ahead)
+            self.uniforms[b:].fill_(0.5)
+            self.loaded_table = rows.ahead
+        if column != self.next_column:
+            self.column.fill_(column)
+        self.next_column = column + 1
 
     def _load_groups(self, b: int, bucket: int, groups: PrefixGroups | None) -> None:
         """Copies the step's grouping into the static buffers (only when it changed)."""

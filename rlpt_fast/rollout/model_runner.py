@@ -8,10 +8,12 @@ Per step it builds (on the host, from Python lists, then one copy each to the de
            tokens (each request's images are encoded once per generate call);
   decode:  the last token of each sequence, its position, its slot, the block tables (rebuilt
            only when they change), the context lengths and the grouping of rows that share
-           prompt blocks (cascade decode); replayed through a CUDA graph on the GPU. While the
-           same sequences keep decoding and no table changes, the inputs advance in place on the
-           device (the sampled tokens, positions/slots/lengths + 1) and the sampling parameters
-           are reused: a CPU step is then a few hundred small ops, run under inference mode.
+           prompt blocks (cascade decode). On the GPU the forward AND the sampling are replayed
+           from CUDA graphs (cuda_graphs.py: the sampling parameters and uniforms sit in static
+           buffers that a steady step does not touch). While the same sequences keep decoding and
+           no table changes, the inputs advance in place on the device (the sampled tokens,
+           positions/slots/lengths + 1) and the sampling parameters are reused: a CPU step is
+           then a few hundred small ops, run under inference mode.
 The model's parameters are used as they are (LoRA included): nothing is copied, so the next step
 after an optimizer step sees the new weights.
 """
@@ -29,7 +31,7 @@ from rlpt_fast.rollout.decode_attention import choose_num_splits
 from rlpt_fast.rollout.kv_cache import count_blocks
 from rlpt_fast.rollout.params import Request, SamplingParams
 from rlpt_fast.rollout.prefill_attention import PrefillMeta
-from rlpt_fast.rollout.sampler import RowParams, SamplingTensors, sample
+from rlpt_fast.rollout.sampler import RowParams, sample
 from rlpt_fast.rollout.scheduler import Batch
 from rlpt_fast.rollout.sequence import Sequence
 
@@ -62,7 +64,7 @@ class ModelRunner:
         self._tables_changed = True
         self._cascade = None  # the shared-prefix grouping, rebuilt when block tables change
         self._groups = None   # its Triton form
-        self._row_key, self._row_params = None, None  # sampling parameters of the last batch's rows
+        self._row_key, self._rows = None, None  # sampling parameters of the last batch's rows
         # the last decode step's inputs, its sequences (None: the next step rebuilds) and samples
         self._inputs, self._inputs_ids, self._last_tokens = None, None, None
         self.num_blocks = count_blocks(model, config, self.block_bytes, self.device)
@@ -94,7 +96,7 @@ class ModelRunner:
 
     def clear_requests(self) -> None:
         self.requests.clear()
-        self._row_key, self._row_params = None, None
+        self._row_key, self._rows = None, None
         self._inputs, self._inputs_ids, self._last_tokens = None, None, None
         self._tables_host, self._cascade = [], None
 
@@ -108,14 +110,15 @@ class ModelRunner:
             logits = self._prefill(batch)
             if logits is None:
                 return [[] for _ in batch.seqs]
-            tokens, logprobs = sample(logits, self._sampling_tensors(batch))
+            positions = [s.num_tokens for s, k in zip(batch.seqs, batch.num_samples) for _ in range(k)]
+            tokens, logprobs = sample(logits, self._row_params(batch).at(positions))
         else:
             # Eager decode (no CUDA graphs: the CPU) is a few hundred tiny ops per step, and
             # inference mode takes the autograd bookkeeping off each (~12% of a CPU step). Only
             # decode: prefill encodes the images that the trainer's forward reuses (they must
             # stay normal tensors), and every tensor a decode step makes lives in the runner.
             with torch.inference_mode(self.graphs is None):
-                tokens, logprobs = sample(self._decode(batch), self._sampling_tensors(batch))
+                tokens, logprobs = self._decode(batch)
         self._last_tokens = tokens
         flat = torch.stack([tokens.double(), logprobs.double()]).cpu().tolist()  # the step's one host sync
         pairs = list(zip(map(int, flat[0]), flat[1]))
@@ -127,9 +130,9 @@ class ModelRunner:
             i += k
         return out
 
-    def _sampling_tensors(self, batch: Batch) -> SamplingTensors:
-        """The rows' fixed parameters are rebuilt only when the batch's sequences change (sequence
-        ids are never reused); a step adds the positions."""
+    def _row_params(self, batch: Batch) -> RowParams:
+        """The rows' fixed sampling parameters, rebuilt only when the batch's sequences change
+        (sequence ids are never reused); a step adds the positions (RowParams.at / column)."""
         key = ([s.seq_id for s in batch.seqs], batch.num_samples)
         if key != self._row_key:
             rows = []
@@ -137,10 +140,8 @@ class ModelRunner:
                 st = self.requests[seq.request_index]
                 p = st.params
                 rows += [(p.temperature, p.top_k, p.top_p, st.seed, seq.sample_index + j) for j in range(k)]
-            self._row_key, self._row_params = key, RowParams.from_rows(rows, self.device)
-        if not batch.is_prefill:
-            return self._row_params.at([s.num_tokens for s in batch.seqs])
-        return self._row_params.at([s.num_tokens for s, k in zip(batch.seqs, batch.num_samples) for _ in range(k)])
+            self._row_key, self._rows = key, RowParams.from_rows(rows, self.device)
+        return self._rows
 
     def _slot(self, seq: Sequence, pos: int) -> int:
         bs = self.config.block_size
@@ -195,7 +196,10 @@ class ModelRunner:
         ids = torch.tensor([self.image_token_id], device=self.device)
         return self.model.model.language_model.embed_tokens(ids)
 
-    def _decode(self, batch: Batch) -> torch.Tensor:
+    def _decode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step: each sequence's next token (B,) int64 and its log-prob (B,) float32, on
+        the device. On CUDA graphs the forward and the sampling are replayed; eagerly, the logits
+        are sampled with the same sampler."""
         seqs, bs = batch.seqs, self.config.block_size
         lens = [s.num_tokens for s in seqs]
         ids = [s.seq_id for s in seqs]
@@ -203,8 +207,9 @@ class ModelRunner:
         tables = self._block_tables(seqs)
         inputs = self._decode_inputs(seqs, lens, same_rows)
         cascade = self._cascade_for(seqs, lens, same_rows)
+        rows = self._row_params(batch)
         if self.graphs is not None and self.graphs.fits(len(seqs)):
-            return self.graphs.run(inputs, tables, cascade)
+            return self.graphs.run(inputs, tables, cascade, rows, lens)
         meta = DecodeMeta(inputs[2], tables, inputs[3].int(),
                           choose_num_splits(len(seqs), self.num_kv_heads, max(lens), self.num_sms),
                           tables.shape[1] * bs, padded=False)
@@ -212,7 +217,7 @@ class ModelRunner:
             meta.cascade = cascade
         elif cascade is not None:
             meta.groups = self._groups
-        return self.decode_logits(inputs[0], inputs[1].expand(3, -1), meta)
+        return sample(self.decode_logits(inputs[0], inputs[1].expand(3, -1), meta), rows.at(lens))
 
     def _decode_inputs(self, seqs: list[Sequence], lens: list[int], same_rows: bool) -> torch.Tensor:
         """(4, B) int64 on the device: token ids, positions, slots, context lengths. When the same

@@ -75,6 +75,14 @@ class RowParams:
 
     def at(self, positions: list[int]) -> SamplingTensors:
         """The step's tensors for rows at these positions (tokens so far, one per row)."""
+        step = self.column(positions)
+        return SamplingTensors(self.temperature, self.top_k, self.top_p, self.ahead[:, step],
+                               self.filtered, self.greedy, self.sampled, self.scaled)
+
+    def column(self, positions: list[int]) -> int:
+        """The column of `ahead` (R, AHEAD) f32 that holds the uniforms of rows at these positions.
+        The table is remade (a new tensor, AHEAD positions from these on) when a row left it or
+        the rows did not all move by the same count since it was made."""
         pos = np.array(positions, dtype=np.uint64)
         d = pos - self.base if self.base is not None else None  # a row behind its base wraps: huge
         step = int(d[0]) if d is not None else AHEAD
@@ -83,8 +91,7 @@ class RowParams:
             grid = pos[:, None] + np.arange(AHEAD, dtype=np.uint64)                  # (R, AHEAD)
             u = uniform_at(np.broadcast_to(self.keys[:, None], grid.shape), grid).astype(np.float32)
             self.ahead = torch.from_numpy(u).to(self.temperature.device, non_blocking=True)
-        return SamplingTensors(self.temperature, self.top_k, self.top_p, self.ahead[:, step],
-                               self.filtered, self.greedy, self.sampled, self.scaled)
+        return step
 
 
 AHEAD = 64  # positions of uniforms made at once per row
