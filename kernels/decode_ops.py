@@ -54,20 +54,22 @@ def _rows(name: str, t: torch.Tensor, width: int) -> torch.Tensor:
 def _norm(x, residual, weight, eps):
     h = x.shape[-1]
     if weight.shape != (h,):
-        raise ValueError(f"rms_norm: weight must be ({h},) for x of shape {tuple(x.shape)}, got {tuple(weight.shape)}")
+        raise ValueError(f"rms_norm: weight must be ({h},) for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(weight.shape)}")
     xr = _rows("rms_norm x", x, h)
     rr = xr if residual is None else _rows("add_rms_norm residual", residual, h)
     if rr.shape != xr.shape:
-        raise ValueError(f"add_rms_norm: residual {tuple(residual.shape)} must match x {tuple(x.shape)}")
+        raise ValueError(f"add_rms_norm: residual {tuple(residual.shape)} must match "
+                         f"x {tuple(x.shape)}")
     res_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     out = torch.empty(xr.shape, dtype=torch.promote_types(weight.dtype, res_dtype), device=x.device)
     res_out = out if residual is None else torch.empty(xr.shape, dtype=res_dtype, device=x.device)
     block = triton.next_power_of_2(h)
     if xr.shape[0]:
-        _rms_norm_kernel[(xr.shape[0],)](xr, rr, weight.contiguous(), out, res_out, xr.stride(0), rr.stride(0),
-                                         out.stride(0), res_out.stride(0), h, float(eps),
-                                         HAS_RES=residual is not None, BLOCK_H=block,
-                                         num_warps=min(max(block // 256, 1), 16))
+        _rms_norm_kernel[(xr.shape[0],)](
+            xr, rr, weight.contiguous(), out, res_out, xr.stride(0), rr.stride(0), out.stride(0),
+            res_out.stride(0), h, float(eps), HAS_RES=residual is not None, BLOCK_H=block,
+            num_warps=min(max(block // 256, 1), 16))
     return out.view(x.shape), res_out.view(x.shape)
 
 
@@ -109,15 +111,15 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     one gate_up output). Returns (..., I) contiguous in their dtype.
     """
     if gate.shape != up.shape or gate.dtype != up.dtype:
-        raise ValueError(f"silu_mul: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} "
-                         "must have one shape and dtype")
+        raise ValueError(f"silu_mul: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} "
+                         f"{up.dtype} must have one shape and dtype")
     n = gate.shape[-1]
     g, u = _rows("silu_mul gate", gate, n), _rows("silu_mul up", up, n)
     out = torch.empty(g.shape, dtype=gate.dtype, device=gate.device)
     block = min(triton.next_power_of_2(n), 2048)
     if g.shape[0]:
-        _silu_mul_kernel[(g.shape[0], triton.cdiv(n, block))](g, u, out, g.stride(0), u.stride(0), n,
-                                                              BLOCK=block, num_warps=4)
+        grid = (g.shape[0], triton.cdiv(n, block))
+        _silu_mul_kernel[grid](g, u, out, g.stride(0), u.stride(0), n, BLOCK=block, num_warps=4)
     return out.view(gate.shape)
 
 
@@ -167,17 +169,20 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     hook may still hold, and a rotation in place would make apply_rotary_tables' callers' tensors
     change under them; a fresh output costs no extra bytes (the input is read once either way).
     """
-    n, hq, d = q.shape
-    if k.dim() != 3 or k.shape[0] != n or k.shape[2] != d or d % 2 or k.dtype != q.dtype:
+    if q.dim() != 3 or k.dim() != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] \
+            or q.shape[2] % 2 or k.dtype != q.dtype:
         raise ValueError(f"rotary: q (N, Hq, D) and k (N, Hk, D) with one even D and dtype, "
                          f"got q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}")
+    n, hq, d = q.shape
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     c, s = _table("cos", cos, n, d), _table("signed_sin", signed_sin, n, d)
-    q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=q.dtype, device=q.device)
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=q.dtype, device=q.device)
     if n:
-        _rotary_kernel[(n,)](q, k, c, s, q_out, k_out, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                             c.stride(0), s.stride(0), hq, k.shape[1], HEAD_DIM=d,
-                             BLOCK_D=triton.next_power_of_2(d), BLOCK_HQ=triton.next_power_of_2(hq),
-                             BLOCK_HK=triton.next_power_of_2(k.shape[1]), num_warps=4)
+        _rotary_kernel[(n,)](
+            q, k, c, s, q_out, k_out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), c.stride(0),
+            s.stride(0), hq, k.shape[1], HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
+            BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HK=triton.next_power_of_2(k.shape[1]),
+            num_warps=4)
     return q_out, k_out
