@@ -102,6 +102,48 @@ def test_rotary_rejects_mismatched_shapes(device):
         rotary(q, q[:, :1], cos[:1], sin)
 
 
+# ---- where bf16 rounds ----------------------------------------------------------------------
+def _truncate(t):
+    """fp32 -> bf16 -> fp32 rounding toward zero (the interpreter's conversion, Triton 3.8)."""
+    return (t.float().contiguous().view(torch.int32) & -65536).view(torch.float32)
+
+
+def _nearest_even(t):
+    """fp32 -> bf16 -> fp32 rounding to nearest even (torch's and the GPU's conversion)."""
+    return t.float().to(torch.bfloat16).float()
+
+
+def _one_of_the_roundings(out, emulate):
+    """out equals, bit for bit, the eager op sequence with every rounding done one way or the other."""
+    return any(torch.equal(out.float(), emulate(r)) for r in (_truncate, _nearest_even))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter only (conftest sets it); the GPU "
+                    "tests below compare with eager bf16 directly")
+def test_bf16_rounds_where_eager_rounds():
+    """bf16 in, bf16 out: the kernels compute in fp32 and round at each point the eager bf16 ops
+    round (the interpreter's conversion truncates, so eager torch itself is not the reference)."""
+    bf = torch.bfloat16
+    x, res = _randn(5, 96, seed=1, dtype=bf), _randn(5, 96, seed=2, dtype=bf, scale=8.0)
+    w = (_randn(96, seed=3) * 0.3 + 1).to(bf)
+    normed, stream = add_rms_norm(x, res, w, 1e-6)
+
+    def norm(r):
+        st = r(x.float() + res.float())
+        return r(w.float() * r(st * torch.rsqrt(st.pow(2).mean(-1, keepdim=True) + 1e-6)))
+
+    assert _one_of_the_roundings(stream, lambda r: r(x.float() + res.float()))
+    assert _one_of_the_roundings(normed, norm)
+    gate, up = _randn(5, 130, seed=4, dtype=bf, scale=3.0), _randn(5, 130, seed=5, dtype=bf)
+    act = lambda r: r(r(torch.nn.functional.silu(gate.float())) * up.float())  # noqa: E731
+    assert _one_of_the_roundings(silu_mul(gate, up), act)
+    q, k = _randn(3, 5, 16, seed=6, dtype=bf), _randn(3, 1, 16, seed=7, dtype=bf)
+    cos, sin = _tables(3, 16, seed=8, dtype=bf, device="cpu")
+    for x_in, out in zip((q, k), rotary(q, k, cos, sin)):
+        rot = lambda r, t=x_in: r(r(t.float() * cos.float()) + r(t.float().roll(8, -1) * sin.float()))  # noqa: E731
+        assert _one_of_the_roundings(out, rot)
+
+
 # ---- bf16 on the device ---------------------------------------------------------------------
 def _rel(a, exact):
     assert torch.isfinite(a).all()
