@@ -6,9 +6,9 @@ peft's (`base_layer`, `lora_A`, `lora_B`), so our module `model.language_model.l
 saves as `base_model.model.model.language_model.layers.0.mlp.up_proj.lora_A.weight`, the key peft
 0.21 writes for the transformers model. Files (PEFT layout, merging) are in lora_io.py.
 
-Without gradients (no_grad / inference mode) and with dropout off, forward takes the three-kernel
-path of lora_inference.py over a cache of the adapter in the activations' dtype; `pinned_lora_caches(model)`
-refreshes every cache in place and pins it for a block (the engine wraps generate and graph capture in it).
+Inside `pinned_lora_caches(model)` (the engine's generate and graph capture), without gradients and
+with dropout off, forward takes the three-kernel path of lora_inference.py over a cache of the
+adapter in the activations' dtype, recomputed in place when the block starts.
 """
 from __future__ import annotations
 
@@ -125,9 +125,10 @@ class LoRALinear(nn.Module):
         y = self.base_layer(x)
         if self.disabled:
             return y
-        if (not torch.is_grad_enabled() and (self.dropout_p == 0.0 or not self.training)
+        cache = self.inference_cache
+        if (cache.usable(x.dtype) and not torch.is_grad_enabled() and (self.dropout_p == 0.0 or not self.training)
                 and y.dtype is x.dtype and _inference.ENABLED):
-            return _inference.add_low_rank_(y, x, *self.inference_cache.operands(self, x.dtype))
+            return _inference.add_low_rank_(y, x, cache.a, cache.b)
         return y + F.linear(self.low_rank(x), self.lora_B.weight.to(x.dtype))
 
 
@@ -173,18 +174,21 @@ def adapter_disabled(model: nn.Module):
 
 
 def refresh_lora_caches(model: nn.Module, dtype: torch.dtype | None = None) -> int:
-    """Brings every LoRA layer's inference cache up to date (in place where its storage fits: CUDA
-    graphs captured over it see the new values) for activations of `dtype` (None: each base
-    weight's dtype). Returns how many caches were recomputed (those whose key changed); none while
-    lora_inference.ENABLED is off (nothing reads them then)."""
-    if not _inference.ENABLED:
-        return 0
-    return sum(m.inference_cache.update(m, dtype or m.base_layer.weight.dtype) for _, m in lora_layers(model))
+    """Recomputes every LoRA layer's inference cache from its parameters, in place where the storage
+    fits (CUDA graphs captured over it then read the new values), for activations of `dtype` (None:
+    each base weight's dtype). Unconditional: no cheap test tells a stale cache (lora_inference.py).
+    Builds no new cache while lora_inference.ENABLED is off. Returns how many it refreshed."""
+    n = 0
+    for _, m in lora_layers(model):
+        if _inference.ENABLED or m.inference_cache.a is not None:
+            m.inference_cache.refresh(m.lora_A.weight, m.lora_B.weight, m.scaling, dtype or m.base_layer.weight.dtype)
+            n += 1
+    return n
 
 
 @contextmanager
 def pinned_lora_caches(model: nn.Module, dtype: torch.dtype | None = None):
-    """Refreshes every cache, then pins it for the block: forward skips the staleness check there.
+    """Refreshes every cache, then lets forward use it (gradient-free, dropout off) within the block.
     The adapters must not change inside the block (the engine's generate and graph capture)."""
     refresh_lora_caches(model, dtype)
     caches = [m.inference_cache for _, m in lora_layers(model)]

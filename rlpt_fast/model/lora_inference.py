@@ -1,26 +1,30 @@
-"""LoRA's gradient-free path (rollout, reference and old log-probs): three kernels per adapted Linear.
+"""LoRA's rollout path (inside the engine's generate): three kernels per adapted Linear.
 
     y = base(x);   y += (x @ A_c.T) @ B_s.T        A_c = A.to(dtype) (r, in), B_s = (scaling * B).to(dtype) (out, r)
 
 i.e. the base matmul, one (N, in) x (in, r) matmul, and one addmm into y in place. The autograd path
 (lora.py) casts the fp32 A and B to the activations' dtype on every call and scales separately: about
 seven kernels per Linear, ~1,500 extra small kernels per decode step of a 36-layer model.
+(The reference forward runs with the adapter disabled: the base matmul alone, no cache needed.)
 
 The cache (A_c, B_s) is held as plain tensor attributes of an InferenceCache object on the module:
 not parameters, not buffers, so it is in no state_dict, checkpoint or PEFT file, is not moved or cast
-by Module.to()/.half(), and is not broadcast by DDP (it is rebuilt where it is used).
+by Module.to()/.half(), and is not broadcast by DDP.
 
-Staleness is decided exactly by the key (A._version, B._version, A.data_ptr(), B.data_ptr(), dtype):
-an optimizer step or load_adapter's copy_ writes in place and bumps _version; a replaced tensor
-(`param.data = ...`, which does NOT bump _version, a new Parameter, Module.to()) has a new data_ptr.
-A refresh writes INTO the cache's storage (copy_) whenever dtype, shape and device still fit, so CUDA
-graphs captured over the cache read the new values at their next replay.
+Staleness: the cache is used ONLY inside a pinned block (lora.pinned_lora_caches: the engine's
+generate and its CUDA graph capture), which starts by recomputing every cache unconditionally, in
+place, and promises that the adapters do not change until it exits. Outside such a block forward
+takes the autograd path. No cheaper staleness test is exact: `_version` is NOT bumped by fused AdamW
+(torch 2.14: `AdamW(fused=True)`, the trainer's default, leaves it at 0), by writes through
+`param.data` or by numpy/DLPack views, so a version key would serve stale adapters after the
+trainer's own optimizer step. The refresh costs ~3 small kernels per adapted Linear once per
+generate call (~760 for a 3B model), against ~1,500 saved per decode step.
 
-A replay runs no Python, so no key is checked there: it is the engine's explicit refresh at the start
-of every generate call and before every capture (lora.pinned_lora_caches) that keeps graphs correct. Inside
-that block the caches are "pinned": just refreshed, and the adapters cannot change until it exits, so
-forward skips the key (one bool and one dtype identity test per Linear instead of ~2 us of module
-attribute reads: 250 Linears x 256 eager decode steps). Outside it, every call checks the key.
+In place: a refresh writes INTO the cache's storage (copy_) whenever dtype, shape and device still
+fit, so CUDA graphs captured over the cache read the new values at their next replay. A replay runs
+no Python and checks nothing: the refresh at the start of every generate call is what keeps graphs
+correct. Inside the block forward tests one bool and one dtype identity per Linear (no module
+attribute reads: 250 Linears x 256 eager decode steps).
 
 ENABLED = False (or env RLPT_LORA_INFERENCE_CACHE=0 at import) forces the old per-call-cast path
 everywhere; benchmarks/bench_rollout.py --lora flips it to time both paths in one run.
@@ -35,43 +39,27 @@ ENABLED: bool = os.environ.get("RLPT_LORA_INFERENCE_CACHE", "1") != "0"
 
 
 class InferenceCache:
-    """A_c (r, in) and B_s (out, r) of one LoRALinear in one dtype, with the key they were made from."""
+    """A_c (r, in) and B_s (out, r) of one LoRALinear in one dtype; `pinned` while they may be used."""
 
-    __slots__ = ("a", "b", "dtype", "key", "pinned")
+    __slots__ = ("a", "b", "dtype", "pinned")
 
     def __init__(self) -> None:
         self.a: torch.Tensor | None = None
         self.b: torch.Tensor | None = None
         self.dtype: torch.dtype | None = None
-        self.key: tuple | None = None
         self.pinned = False
 
-    def operands(self, layer, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A_c, B_s) for `layer` (a LoRALinear) in `dtype`, refreshed first if stale."""
-        if not (self.pinned and dtype is self.dtype):
-            self.update(layer, dtype)
-        return self.a, self.b
-
-    def update(self, layer, dtype: torch.dtype) -> bool:
-        """Refreshes from `layer`'s parameters if the key changed; returns whether it did."""
-        a, b = layer.lora_A.weight, layer.lora_B.weight
-        if _key(a, b, dtype) == self.key:
-            return False
-        self.refresh(a, b, layer.scaling, dtype)
-        return True
+    def usable(self, dtype: torch.dtype) -> bool:
+        return self.pinned and dtype is self.dtype
 
     def refresh(self, a: torch.Tensor, b: torch.Tensor, scaling: float, dtype: torch.dtype) -> None:
         """Recomputes A_c and B_s from the parameters, in place when the storage still fits."""
         # inference_mode(False): a cache first made inside inference mode would be an inference
-        # tensor, and the next in-place refresh outside it (a no_grad forward) would be refused.
+        # tensor, and a later in-place refresh outside it would be refused.
         with torch.no_grad(), torch.inference_mode(False):
             self.a = _copy_into(self.a, a, dtype)
             self.b = _copy_into(self.b, b * scaling, dtype)  # scaled in fp32, rounded once
-        self.dtype, self.key = dtype, _key(a, b, dtype)
-
-
-def _key(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> tuple:
-    return a._version, b._version, a.data_ptr(), b.data_ptr(), dtype
+        self.dtype = dtype
 
 
 def _copy_into(dst: torch.Tensor | None, src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""LoRA's gradient-free path (lora_inference.py): the same values as the autograd path in three
-kernels, a cache that can never be stale and is refreshed in place, and that no file ever sees."""
+"""LoRA's rollout path (lora_inference.py): inside a pinned block, the autograd path's values in
+three kernels over a cache that is recomputed in place when the block starts (so it is never stale,
+whatever wrote the adapters: plain, foreach or fused AdamW, `.data`), and that no file ever sees."""
 import pytest
 import torch
 from safetensors import safe_open
@@ -17,7 +18,7 @@ from rlpt_fast.model.lora import (
     refresh_lora_caches,
 )
 
-ALIASES = {"linear": "addmm", "matmul": "mm"}
+ALIASES = {"linear": "addmm", "matmul": "mm"}  # inference mode shows these undecomposed
 VIEWS = {"t", "view", "_unsafe_view", "reshape", "expand", "transpose", "detach", "alias"}
 
 
@@ -31,13 +32,13 @@ class OpLog(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         if name not in VIEWS:
-            self.ops.append(name)
+            self.ops.append(ALIASES.get(name, name))
         return func(*args, **(kwargs or {}))
 
 
-def _layer(dtype=torch.float32, bias=True, dropout=0.0, seed=0):
+def _layer(dtype=torch.float32, dropout=0.0, seed=0):
     torch.manual_seed(seed)
-    layer = LoRALinear(nn.Linear(16, 12, bias=bias).to(dtype), r=4, alpha=6.0, dropout=dropout,
+    layer = LoRALinear(nn.Linear(16, 12).to(dtype), r=4, alpha=6.0, dropout=dropout,
                        dtype=torch.float32)  # scaling 1.5; fp32 adapters as LoRAConfig makes them
     nn.init.normal_(layer.lora_B.weight)
     return layer.eval()
@@ -45,133 +46,123 @@ def _layer(dtype=torch.float32, bias=True, dropout=0.0, seed=0):
 
 def _expected(layer, x):
     """fp64 reference of base(x) + scaling * x A^T B^T from the layer's own parameters."""
-    w, b = layer.base_layer.weight.double(), layer.base_layer.bias
-    y = x.double() @ w.T + (0 if b is None else b.double())
-    return y + layer.scaling * x.double() @ layer.lora_A.weight.double().T @ layer.lora_B.weight.double().T
+    w, b = layer.base_layer.weight.double(), layer.base_layer.bias.double()
+    return x.double() @ w.T + b + layer.scaling * x.double() @ layer.lora_A.weight.double().T @ layer.lora_B.weight.double().T
 
 
-def test_fp32_inference_path_equals_autograd_path_in_three_kernels():
+def _close(got, layer, x):
+    torch.testing.assert_close(got.double(), _expected(layer, x), atol=1e-5, rtol=1e-5)
+
+
+def test_fp32_pinned_path_equals_autograd_path_in_three_kernels():
     layer = _layer()
     x = torch.randn(2, 5, 16)
     autograd = layer(x)  # grad enabled: the adapters require grad
-    assert autograd.requires_grad and layer.inference_cache.a is None
-    with torch.no_grad():
-        layer(x)  # the first call builds the cache; later ones only check its key
-    for ctx in (torch.no_grad, torch.inference_mode):
-        with ctx(), OpLog() as log:
-            got = layer(x)
-        torch.testing.assert_close(got, autograd.detach(), atol=1e-6, rtol=1e-6)
-        # base with bias; x @ A_c^T; += (.) @ B_s^T (inference mode shows linear/matmul undecomposed)
-        assert [ALIASES.get(op, op) for op in log.ops] == ["addmm", "mm", "addmm_"]
-    with OpLog() as log:
-        layer(x)
-    assert log.ops == ["addmm", "mm", "mul", "mm", "add"]  # the autograd path (fp32: no casts)
-    torch.testing.assert_close(got.double(), _expected(layer, x), atol=1e-5, rtol=1e-5)
-    assert layer.inference_cache.a.dtype == torch.float32
+    assert autograd.requires_grad
+    with torch.no_grad(), OpLog() as log:
+        outside = layer(x)
+    torch.testing.assert_close(outside, autograd.detach(), atol=1e-6, rtol=1e-6)
+    assert log.ops == ["addmm", "mm", "mul", "mm", "add"]  # outside a pinned block: autograd path (fp32: no casts)
+    with pinned_lora_caches(layer):
+        for ctx in (torch.no_grad, torch.inference_mode):
+            with ctx(), OpLog() as log:
+                got = layer(x)
+            torch.testing.assert_close(got, autograd.detach(), atol=1e-6, rtol=1e-6)
+            assert log.ops == ["addmm", "mm", "addmm_"]  # base with bias; x @ A_c^T; += (.) @ B_s^T
+        assert layer(x).requires_grad  # grad enabled inside the block: still the autograd path
+    _close(got, layer, x)
 
 
-def test_bf16_inference_path_within_bf16_rounding_of_the_autograd_path():
+def test_bf16_pinned_path_within_bf16_rounding_of_the_autograd_path():
     layer = _layer(torch.bfloat16)  # fp32 adapters on a bf16 base, as the trainer runs
-    assert layer.lora_A.weight.dtype == torch.float32
     x = torch.randn(64, 16).bfloat16()
     with OpLog() as log:
         autograd = layer(x).detach()
     assert log.ops.count("_to_copy") == 2 and len(log.ops) == 7  # A and B cast on every call
-    with torch.no_grad():
-        layer(x)
-        with OpLog() as log:
-            got = layer(x)
+    with torch.no_grad(), pinned_lora_caches(layer), OpLog() as log:
+        got = layer(x)
     assert log.ops == ["addmm", "mm", "addmm_"]  # no cast: the cache is bf16 already
-    assert got.dtype == torch.bfloat16 and layer.inference_cache.b.dtype == torch.bfloat16
+    assert got.dtype == layer.inference_cache.b.dtype == torch.bfloat16
     ref = _expected(layer, x)
     err_cached, err_autograd = (got.double() - ref).abs().max(), (autograd.double() - ref).abs().max()
     assert err_cached <= 2 * err_autograd + 1e-3, (err_cached, err_autograd)  # flash-attention's rule
     torch.testing.assert_close(got, autograd, atol=2 * ref.abs().max().item() * 2**-8, rtol=2**-7)
 
 
-def test_an_adamw_step_is_seen_and_the_cache_is_refreshed_in_place():
+@pytest.mark.parametrize("kind", ["fused", "foreach", "for-loop"])
+def test_each_pinned_block_sees_the_last_adamw_step_in_the_same_storage(kind):
+    """Fused AdamW does not bump the parameters' _version: only the unconditional refresh is exact."""
     layer = _layer()
     x = torch.randn(7, 16)
-    with torch.no_grad():
+    with torch.no_grad(), pinned_lora_caches(layer):
         before = layer(x)
     ptrs = (layer.inference_cache.a.data_ptr(), layer.inference_cache.b.data_ptr())
-    opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=0.1)
+    flags = {"fused": dict(fused=True), "foreach": dict(foreach=True), "for-loop": dict(foreach=False)}[kind]
+    opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=0.1, **flags)
     for _ in range(2):
         layer(x).pow(2).sum().backward()
         opt.step()
         opt.zero_grad()
-        with torch.no_grad():
+        with torch.no_grad(), pinned_lora_caches(layer):
             got = layer(x)
-        torch.testing.assert_close(got.double(), _expected(layer, x), atol=1e-5, rtol=1e-5)
+        _close(got, layer, x)
         assert not torch.allclose(got, before, atol=1e-3)
         assert (layer.inference_cache.a.data_ptr(), layer.inference_cache.b.data_ptr()) == ptrs
         before = got
 
 
-def test_a_replaced_tensor_is_seen_although_its_version_did_not_move():
+def test_writes_that_bypass_version_counters_are_seen():
     layer = _layer()
     x = torch.randn(3, 16)
-    with torch.no_grad():
+    with torch.no_grad(), pinned_lora_caches(layer):
         layer(x)
-    version = layer.lora_B.weight._version
-    layer.lora_B.weight.data = torch.randn(12, 4)  # `.data =` keeps _version: only data_ptr changes
-    assert layer.lora_B.weight._version == version
+    layer.lora_A.weight.data.mul_(-1.0)             # `.data` has its own version counter
+    layer.lora_B.weight.data = torch.randn(12, 4)   # a new tensor under the same Parameter
     with torch.no_grad():
-        torch.testing.assert_close(layer(x).double(), _expected(layer, x), atol=1e-5, rtol=1e-5)
+        _close(layer(x), layer, x)  # outside a block the cache is never read
+        with pinned_lora_caches(layer):
+            _close(layer(x), layer, x)
 
 
-def test_a_cache_made_in_inference_mode_refreshes_under_no_grad():
+def test_a_cache_made_in_inference_mode_refreshes_outside_it():
     layer = _layer()
     x = torch.randn(3, 16)
-    with torch.inference_mode():
+    with torch.inference_mode(), pinned_lora_caches(layer):
         layer(x)
     assert not layer.inference_cache.a.is_inference()  # else the in-place refresh below would fail
     with torch.no_grad():
         layer.lora_A.weight.mul_(-1.0)
-        torch.testing.assert_close(layer(x).double(), _expected(layer, x), atol=1e-5, rtol=1e-5)
+        with pinned_lora_caches(layer):
+            _close(layer(x), layer, x)
 
 
-def test_pinned_block_refreshes_at_entry_in_place_and_skips_the_check_inside():
+def test_refresh_is_unconditional_and_pinning_ends_with_the_block():
     model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 12))
     apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0))
-    x = torch.randn(5, 16)
-    assert refresh_lora_caches(model) == 2 and refresh_lora_caches(model) == 0  # only stale ones
+    assert refresh_lora_caches(model) == 2 and refresh_lora_caches(model) == 2
     caches = [m.inference_cache for _, m in lora_layers(model)]
-    ptrs = [(c.a.data_ptr(), c.b.data_ptr()) for c in caches]
-    with torch.no_grad():
-        for _, m in lora_layers(model):
-            m.lora_B.weight.normal_()  # the "optimizer step" between two generate calls
-    want = _autograd_output(model, x)
-    with torch.no_grad(), pinned_lora_caches(model):
+    with pinned_lora_caches(model):
         assert all(c.pinned for c in caches)
-        assert [(c.a.data_ptr(), c.b.data_ptr()) for c in caches] == ptrs
-        torch.testing.assert_close(model(x), want, atol=1e-6, rtol=1e-6)
     assert not any(c.pinned for c in caches)
-
-
-def _autograd_output(model, x):
-    with torch.enable_grad():
-        return model(x).detach()
 
 
 def test_disabled_adapter_is_the_base_matmul_alone():
     layer = _layer()
     x = torch.randn(4, 16)
-    with torch.no_grad(), adapter_disabled(layer), OpLog() as log:
-        got = layer(x)
-    assert torch.equal(got, layer.base_layer(x)) and log.ops == ["addmm"]
-    assert layer.inference_cache.a is None
+    for block in (pinned_lora_caches, lambda m: torch.no_grad()):
+        with torch.no_grad(), block(layer), adapter_disabled(layer), OpLog() as log:
+            got = layer(x)
+        assert torch.equal(got, layer.base_layer(x)) and log.ops == ["addmm"]
 
 
 def test_active_dropout_takes_the_autograd_path():
     layer = _layer(dropout=0.5).train()
     x = torch.randn(6, 16)
-    with torch.no_grad():
+    with torch.no_grad(), pinned_lora_caches(layer):
         torch.manual_seed(3)
         got = layer(x)
         torch.manual_seed(3)
         keep = layer.lora_dropout(x)
-    assert layer.inference_cache.a is None
     want = layer.base_layer(x) + layer.scaling * keep @ layer.lora_A.weight.T @ layer.lora_B.weight.T
     torch.testing.assert_close(got, want.detach())
 
@@ -180,10 +171,10 @@ def test_the_switch_forces_the_per_call_cast_path(monkeypatch):
     layer = _layer()
     x = torch.randn(4, 16)
     monkeypatch.setattr(lora_inference, "ENABLED", False)
-    with torch.no_grad():
+    with torch.no_grad(), pinned_lora_caches(layer), OpLog() as log:
         got = layer(x)
-    assert layer.inference_cache.a is None
-    torch.testing.assert_close(got.double(), _expected(layer, x), atol=1e-5, rtol=1e-5)
+    assert layer.inference_cache.a is None and len(log.ops) == 5
+    _close(got, layer, x)
 
 
 def test_caches_are_in_no_state_dict_adapter_file_or_checkpoint(tmp_path):
@@ -195,12 +186,10 @@ def test_caches_are_in_no_state_dict_adapter_file_or_checkpoint(tmp_path):
     model.up_proj = nn.Linear(16, 16)
     apply_lora(model, LoRAConfig(r=4, dropout=0.0))
     keys = set(model.state_dict())
-    with torch.no_grad():
-        model.lm_head(model.up_proj(torch.randn(3, 16)))
+    refresh_lora_caches(model)
     assert all(m.inference_cache.a is not None for _, m in lora_layers(model))
     assert set(model.state_dict()) == keys and not list(model.buffers())
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     model.lm_head(torch.randn(2, 16)).sum().backward()
     opt.step()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -217,8 +206,8 @@ def test_caches_are_in_no_state_dict_adapter_file_or_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_model_level_no_grad_forward_matches_autograd(dtype):
-    """A whole wrapped stack (tied shapes, 3-D activations) under no_grad against grad mode."""
+def test_a_wrapped_stack_in_a_pinned_block_matches_autograd(dtype):
+    """Several layers, 3-D activations, dropout configured but off in eval."""
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16, bias=False)).to(dtype)
     apply_lora(model, LoRAConfig(r=8, alpha=16, dropout=0.1))
@@ -226,8 +215,8 @@ def test_model_level_no_grad_forward_matches_autograd(dtype):
         nn.init.normal_(m.lora_B.weight, std=0.2)
     model.eval()
     x = torch.randn(3, 4, 16).to(dtype)
-    want = _autograd_output(model, x)
-    with torch.no_grad():
+    want = model(x).detach()
+    with torch.no_grad(), pinned_lora_caches(model):
         got = model(x)
     tol = {torch.float32: 1e-6, torch.bfloat16: 2e-2}[dtype]
     torch.testing.assert_close(got, want, atol=tol * want.abs().max().item(), rtol=tol)

@@ -49,13 +49,14 @@ def test_cached_path_generates_what_the_per_call_cast_path_does(adapted, monkeyp
     assert old[0][0].token_ids == _old_path(monkeypatch, lambda: naive_greedy(adapted, *mm, 6))
 
 
-def test_next_generate_after_an_adamw_step_uses_the_new_adapters(adapted, monkeypatch):
+@pytest.mark.parametrize("fused", [True, False])  # fused (the trainer's default) leaves _version alone
+def test_next_generate_after_an_adamw_step_uses_the_new_adapters(adapted, monkeypatch, fused):
     mm = prompt(adapted.config, 5, [9])
     engine = Engine(adapted, num_blocks=64)
     before = engine.generate([Request(*mm)], GREEDY)[0][0].token_ids
     ptrs = _pointers(adapted)
     params = [p for p in adapted.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=0.05)
+    opt = torch.optim.AdamW(params, lr=0.05, fused=fused, foreach=not fused)
     ids = torch.cat([mm[0], torch.tensor(before)])
     for _ in range(3):  # push the policy away from its own greedy completion
         logits = adapted.logits(ids)[mm[0].numel() - 1:-1]
