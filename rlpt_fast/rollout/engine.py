@@ -115,7 +115,9 @@ class Engine:
                         request_index=index, num_samples=p.n, image_spans=spans)
 
     def step(self) -> list[Sequence]:
-        """One scheduled step; returns the sequences it finished."""
+        """One scheduled step; returns the sequences it finished. generate's inner loop: called on its
+        own after the LoRA adapters changed, CUDA graphs replay the old adapters until
+        rlpt_fast.model.lora.refresh_lora_caches(model) runs (generate does it)."""
         preempted = self.scheduler.num_preemptions
         hits = self.block_manager.num_hit_tokens
         t0 = time.perf_counter()

@@ -49,22 +49,52 @@ def test_cached_path_generates_what_the_per_call_cast_path_does(adapted, monkeyp
     assert old[0][0].token_ids == _old_path(monkeypatch, lambda: naive_greedy(adapted, *mm, 6))
 
 
+def _push_away(model, mm, completion, fused: bool) -> None:
+    """Three AdamW steps on the adapters that lower the log-prob of `completion` after prompt mm."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05, fused=fused,
+                            foreach=not fused)
+    ids = torch.cat([mm[0], torch.tensor(completion)])
+    target = torch.tensor(completion, device=model.device)[:, None]
+    for _ in range(3):
+        logits = model.logits(ids)[mm[0].numel() - 1:-1]
+        torch.log_softmax(logits.float(), -1).gather(1, target).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+
 @pytest.mark.parametrize("fused", [True, False])  # fused (the trainer's default) leaves _version alone
 def test_next_generate_after_an_adamw_step_uses_the_new_adapters(adapted, monkeypatch, fused):
     mm = prompt(adapted.config, 5, [9])
     engine = Engine(adapted, num_blocks=64)
     before = engine.generate([Request(*mm)], GREEDY)[0][0].token_ids
     ptrs = _pointers(adapted)
-    params = [p for p in adapted.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=0.05, fused=fused, foreach=not fused)
-    ids = torch.cat([mm[0], torch.tensor(before)])
-    for _ in range(3):  # push the policy away from its own greedy completion
-        logits = adapted.logits(ids)[mm[0].numel() - 1:-1]
-        torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(before)[:, None]).sum().backward()
-        opt.step()
-        opt.zero_grad()
+    _push_away(adapted, mm, before, fused)
     got = engine.generate([Request(*mm)], GREEDY)[0][0].token_ids
     adapted.eval()
     want = _old_path(monkeypatch, lambda: naive_greedy(adapted, *mm, 6))
     assert got == want != before
     assert _pointers(adapted) == ptrs  # refreshed in place: a captured graph reads the new values
+
+
+@pytest.mark.gpu
+def test_captured_graphs_read_the_adapters_of_the_last_optimizer_step(ckpt25, monkeypatch):
+    """CUDA graphs captured over the caches (on a model in train mode, dropout 0.5: not recorded)
+    replay the new adapters after a fused AdamW step: the refresh at generate start, in place."""
+    from rlpt_fast import load_model
+
+    model = load_model(ckpt25, dtype=torch.float32, device="cuda")
+    apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.5))
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B.weight.normal_(0.0, 0.05)
+    model.train()
+    mm = prompt(model.config, 5, [9])
+    kw = dict(num_blocks=64, max_num_seqs=8, max_model_len=128)
+    engine = Engine(model, **kw)
+    assert engine.runner.graphs is not None
+    eager = lambda: Engine(model, attention_backend="torch", cuda_graphs=False, **kw).generate([Request(*mm)], GREEDY)
+    before = engine.generate([Request(*mm)], GREEDY)[0][0].token_ids
+    assert before == _old_path(monkeypatch, eager)[0][0].token_ids
+    _push_away(model, mm, before, fused=True)
+    got = engine.generate([Request(*mm)], GREEDY)[0][0].token_ids
+    assert got == _old_path(monkeypatch, eager)[0][0].token_ids != before
