@@ -38,6 +38,11 @@ reads the forward's static logits and writes static (B,) tokens int64 and log-pr
     writes nothing into these buffers: the host only checks that the step's column is the one the
     device holds.
   - Padding rows (b..bucket) sample with temperature 1, no filter, u = 0.5: finite, never read.
+  - The sampler graph also advances the static inputs to the next step of the same rows (ids =
+    the sampled tokens, positions / slots / lengths + 1 on live rows; padding rows keep slot -1 and
+    length 1). While the same rows decode and no block table changes (the runner's "steady" step,
+    a row's next slot then lies in its current block) the runner passes no inputs: the step copies
+    nothing before its two replays.
 """
 from __future__ import annotations
 
@@ -72,6 +77,8 @@ class DecodeGraphs:
         self.members = torch.full((self.pad_group + 1, self.max_bs), self.max_bs, dtype=torch.long, device=dev)
         self.items = torch.tensor([[self.pad_group, 0]] * items, dtype=torch.int32, device=dev)
         self.loaded_groups: PrefixGroups | None = None
+        self.live = torch.zeros(self.max_bs, dtype=torch.int64, device=dev)  # 1: a row of the batch
+        self.advanced_rows: int | None = None  # B when the static inputs hold the next step of B rows
         # sampling: per-row parameters, RowParams' uniform table, the column the next step reads
         self.temperature = torch.ones(self.max_bs, dtype=torch.float32, device=dev)
         self.top_k = torch.zeros(self.max_bs, dtype=torch.int64, device=dev)
@@ -113,6 +120,11 @@ class DecodeGraphs:
         self.tokens[:b].copy_(tokens)
         self.logprobs[:b].copy_(logprobs)
         self.column.add_(1)
+        live = self.live[:b]  # the next step's inputs, should the same rows go on
+        self.ids[:b].copy_(tokens)
+        self.positions[:, :b].add_(live)
+        self.slots[:b].add_(live)
+        self.lens[:b].add_(live)
 
     def _record(self, fn):
         """Warm-up call of fn (compiles kernels, settles the allocator), then fn captured into a
@@ -133,7 +145,10 @@ class DecodeGraphs:
         self.graphs.clear()
         self.outputs.clear()
         self.samplers.clear()
-        self.pool, self.next_column = None, None
+        self.pool, self.next_column, self.advanced_rows = None, None, None
+        self.slots.fill_(-1)  # the warm-up forwards store nothing
+        self.lens.fill_(1)
+        self.live.zero_()
         for b in reversed(self.buckets):
             self.graphs[b], self.outputs[b] = self._record(lambda b=b: self._forward(b))
 
@@ -142,38 +157,52 @@ class DecodeGraphs:
         flags = (rows.greedy, rows.sampled, rows.scaled, rows.filtered)
         graph = self.samplers.get((bucket, flags))
         if graph is None:
+            moved = (self.ids, self.positions, self.slots, self.lens, self.column)  # by the warm-up call
+            kept = [t.clone() for t in moved]
             with torch.no_grad():
                 graph, _ = self._record(lambda: self._sample(bucket, flags))
+            for t, k in zip(moved, kept):
+                t.copy_(k)
             self.samplers[bucket, flags] = graph
-            self.next_column = None  # the warm-up call moved the counter
         return graph
 
     def fits(self, b: int) -> bool:
         return b <= self.max_bs
 
-    def run(self, inputs: torch.Tensor, tables: torch.Tensor, cascade, rows: RowParams,
+    def run(self, inputs: torch.Tensor | None, tables: torch.Tensor, cascade, rows: RowParams,
             positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step, forward and sampling. inputs (4, B) int64 on the device: token ids,
-        positions, slots, context lengths; tables (B, W) int32 on the device; cascade: the step's
-        CascadeMeta or None; rows: the B rows' sampling parameters; positions: each row's token
-        count (its uniform's key). Returns tokens (B,) int64 and log-probs (B,) float32, static
-        buffers valid until the next replay."""
-        b = inputs.shape[1]
+        positions, slots, context lengths; or None when the static inputs hold this step already
+        (advanced_rows == B: the previous step's rows one token further, same block tables);
+        tables (B, W) int32 on the device; cascade: the step's CascadeMeta or None; rows: the B
+        rows' sampling parameters; positions: each row's token count (its uniform's key). Returns
+        tokens (B,) int64 and log-probs (B,) float32, static buffers valid until the next replay."""
+        b = len(positions)
         bucket = next(x for x in self.buckets if x >= b)
-        self.ids[:b].copy_(inputs[0])
-        self.positions[:, :b].copy_(inputs[1].expand(3, -1))
-        self.slots[b:bucket].fill_(-1)  # padding rows store nothing and attend to one token
-        self.slots[:b].copy_(inputs[2])
-        self.lens[b:bucket].fill_(1)
-        self.lens[:b].copy_(inputs[3])
-        self.tables[:b, :tables.shape[1]].copy_(tables)
+        sampler = self._sampler(bucket, rows)
+        if inputs is not None:
+            self._load_inputs(b, bucket, inputs, tables)
+        elif self.advanced_rows != b:
+            raise RuntimeError(f"DecodeGraphs.run: no inputs for {b} rows, but the static buffers hold the next "
+                               f"step of {self.advanced_rows} rows")
         if self.cascade:
             self._load_groups(b, bucket, self.runner._groups if cascade is not None else None)
-        sampler = self._sampler(bucket, rows)
         self._load_sampling(b, rows, rows.column(positions))
         self.graphs[bucket].replay()
         sampler.replay()
+        self.advanced_rows = b
         return self.tokens[:b], self.logprobs[:b]
+
+    def _load_inputs(self, b: int, bucket: int, inputs: torch.Tensor, tables: torch.Tensor) -> None:
+        self.ids[:b].copy_(inputs[0])
+        self.positions[:, :b].copy_(inputs[1].expand(3, -1))
+        self.slots[:b].copy_(inputs[2])
+        self.lens[:b].copy_(inputs[3])
+        self.tables[:b, :tables.shape[1]].copy_(tables)
+        self.slots[b:bucket].fill_(-1)  # padding rows store nothing, attend to one token, stay put
+        self.lens[b:bucket].fill_(1)
+        self.live[:b].fill_(1)
+        self.live[b:].zero_()
 
     def _load_sampling(self, b: int, rows: RowParams, column: int) -> None:
         """Copies the rows' parameters and uniform table into the static buffers when they changed,

@@ -205,11 +205,15 @@ class ModelRunner:
         ids = [s.seq_id for s in seqs]
         same_rows, self._inputs_ids = ids == self._inputs_ids, ids  # the previous step ran these sequences
         tables = self._block_tables(seqs)
-        inputs = self._decode_inputs(seqs, lens, same_rows)
+        steady = same_rows and not self._tables_changed  # every row one token further, in its block
         cascade = self._cascade_for(seqs, lens, same_rows)
         rows = self._row_params(batch)
         if self.graphs is not None and self.graphs.fits(len(seqs)):
-            return self.graphs.run(inputs, tables, cascade, rows, lens)
+            # a steady step's inputs are in the graphs' static buffers already (advanced there)
+            advanced = steady and self.graphs.advanced_rows == len(seqs)
+            return self.graphs.run(None if advanced else self._decode_inputs(seqs, lens, False), tables, cascade,
+                                   rows, lens)
+        inputs = self._decode_inputs(seqs, lens, steady)
         meta = DecodeMeta(inputs[2], tables, inputs[3].int(),
                           choose_num_splits(len(seqs), self.num_kv_heads, max(lens), self.num_sms),
                           tables.shape[1] * bs, padded=False)
@@ -219,12 +223,12 @@ class ModelRunner:
             meta.groups = self._groups
         return sample(self.decode_logits(inputs[0], inputs[1].expand(3, -1), meta), rows.at(lens))
 
-    def _decode_inputs(self, seqs: list[Sequence], lens: list[int], same_rows: bool) -> torch.Tensor:
-        """(4, B) int64 on the device: token ids, positions, slots, context lengths. When the same
-        sequences ran the previous step (a decode step) and no block table changed, every row
-        moved one token within its block: the previous tensor plus one, and the sampled tokens
-        (still on the device) as ids; nothing is built on the host."""
-        if same_rows and not self._tables_changed:
+    def _decode_inputs(self, seqs: list[Sequence], lens: list[int], steady: bool) -> torch.Tensor:
+        """(4, B) int64 on the device: token ids, positions, slots, context lengths. On a steady
+        step (the same sequences ran the previous step, a decode step, and no block table changed)
+        every row moved one token within its block: the previous tensor plus one, and the sampled
+        tokens (still on the device) as ids; nothing is built on the host."""
+        if steady:
             self._inputs[1:].add_(1)
             self._inputs[0].copy_(self._last_tokens)
             return self._inputs
@@ -248,7 +252,7 @@ class ModelRunner:
             if self._cascade is not None and self.backend.name == "triton":
                 group = self.model.config.num_attention_heads // self.num_kv_heads
                 self._groups = prefix_groups(self._cascade, group, self.num_kv_heads, self.num_sms)
-        else:
+        elif self.backend.name == "torch":  # the Triton kernels take the rows' lengths from the context lengths
             self._cascade = self._cascade.with_lens(lens)
         return self._cascade
 

@@ -135,7 +135,7 @@ def test_graph_sampler_is_the_eager_sampler_bit_for_bit(model, fake_graphs, rows
     assert graphs.temperature[b:].eq(1).all() and graphs.uniforms[b:].eq(0.5).all()  # harmless padding rows
 
 
-class SamplingBufferWrites(TorchDispatchMode):
+class BufferWrites(TorchDispatchMode):
     """Records every op outside a (fake) replay that writes into the given tensors' storage."""
 
     def __init__(self, buffers):
@@ -153,25 +153,31 @@ class SamplingBufferWrites(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def test_steady_decode_step_writes_nothing_into_the_sampling_buffers(model, fake_graphs, monkeypatch):
+def test_steady_decode_step_writes_nothing_into_the_static_buffers(model, fake_graphs, monkeypatch):
+    """Outside the replays, a steady step (same rows, no block table changed) writes neither the
+    sampling buffers nor the static inputs: the sampler graph advanced them."""
     engine = Engine(model, **KW, cuda_graphs=True)
     graphs = engine.runner.graphs
-    buffers = [graphs.temperature, graphs.top_k, graphs.top_p, graphs.uniforms, graphs.column]
-    per_step = []
+    sampling = [graphs.temperature, graphs.top_k, graphs.top_p, graphs.uniforms, graphs.column]
+    inputs = [graphs.ids, graphs.positions, graphs.slots, graphs.lens, graphs.tables, graphs.live]
+    steps = []  # per decode step: (sampling writes, input writes, a block table changed)
     real_run = cuda_graphs.DecodeGraphs.run
 
     def watched_run(self, *args):
-        with SamplingBufferWrites(buffers) as mode:
+        with BufferWrites(sampling) as s, BufferWrites(inputs) as i:
             out = real_run(self, *args)
-        per_step.append(mode.writes)
+        steps.append((s.writes, i.writes, engine.runner._tables_changed))
         return out
 
     monkeypatch.setattr(cuda_graphs.DecodeGraphs, "run", watched_run)
     params = SamplingParams(n=3, temperature=0.8, top_p=0.9, max_tokens=12, seed=7, ignore_eos=True)
     got = engine.generate(requests(model.config)[:2], params)
     # all 6 rows decode together from the first decode step to the last (same max_tokens)
-    assert len(per_step) == 11 and all(len(c.token_ids) == 12 for o in got for c in o)
-    assert per_step[0], "the first decode step loads the rows"
-    assert per_step[1:] == [[]] * 10, per_step
+    assert len(steps) == 11 and all(len(c.token_ids) == 12 for o in got for c in o)
+    assert steps[0][0] and steps[0][1], "the first decode step loads the rows"
+    assert [s for s, _, _ in steps[1:]] == [[]] * 10
+    changed = [c for _, _, c in steps[1:]]
+    assert 0 < sum(changed) < 10  # rows cross into new blocks (block size 4) on some steps only
+    assert all(bool(w) == c for _, w, c in steps[1:]), steps
     want = Engine(model, **KW).generate(requests(model.config)[:2], params)
     assert_same(got, want)
