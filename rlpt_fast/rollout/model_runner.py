@@ -244,7 +244,7 @@ class ModelRunner:
         torch path carries its dense K/V copies over to the new grouping where they still hold."""
         if not self.config.cascade_decode:
             return None
-        if self._tables_changed or self._cascade is None:
+        if self._tables_changed:  # (a batch that shares nothing keeps None until its tables change)
             old = self._cascade
             self._cascade = build_cascade([s.block_table for s in seqs], lens, self.config.block_size, self.device)
             if same_rows and old is not None and self._cascade is not None and self.backend.name == "torch":
@@ -252,7 +252,7 @@ class ModelRunner:
             if self._cascade is not None and self.backend.name == "triton":
                 group = self.model.config.num_attention_heads // self.num_kv_heads
                 self._groups = prefix_groups(self._cascade, group, self.num_kv_heads, self.num_sms)
-        elif self.backend.name == "torch":  # the Triton kernels take the rows' lengths from the context lengths
+        elif self._cascade is not None and self.backend.name == "torch":  # (Triton reads the context lengths)
             self._cascade = self._cascade.with_lens(lens)
         return self._cascade
 
