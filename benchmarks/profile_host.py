@@ -9,8 +9,9 @@ Two figures per step:
     with a synchronize placed right after the runner's decode (forward and sampling, replayed from
     CUDA graphs on the GPU) returns, before the step's own sync, which then returns at once). An
     upper bound: the graph launches themselves are host work that overlaps the GPU.
-  gpu_idle_ms = from that sync's return to the next decode graph's launch: postprocess, schedule
-    and input building, during which the GPU has nothing queued. The share that counts.
+  gpu_idle_ms = from that sync's return to the next graph launch (the next step's forward
+    replay): postprocess, schedule and input building, during which the GPU has nothing queued.
+    The share that counts.
 Then it runs the same generate again under cProfile and prints the functions with the most host
 time of their own.
 
@@ -37,7 +38,6 @@ from common import Report
 
 import rlpt_fast.rollout.model_runner as model_runner
 from rlpt_fast.rollout import Engine, Request, SamplingParams
-from rlpt_fast.rollout.cuda_graphs import DecodeGraphs
 from rlpt_fast.rollout.host_path import native_available
 
 
@@ -50,7 +50,7 @@ class SyncWait:
         self.device, self.seconds, self.steps = device, 0.0, 0
         self.idle, self.idle_steps, self.synced_at = 0.0, 0, None
         self._decode, self._run = model_runner.ModelRunner._decode, model_runner.ModelRunner.run
-        self._replay = DecodeGraphs.run
+        self._replay = torch.cuda.CUDAGraph.replay
 
     def __enter__(self) -> SyncWait:
         me = self
@@ -70,18 +70,20 @@ class SyncWait:
                 me.steps += 1
             return out
 
-        def replay(graphs, *args):
-            if me.synced_at is not None:  # the previous decode step's sync: the GPU idles since
+        def replay(graph):
+            if me.synced_at is not None:  # the first launch since the previous decode step's sync
                 me.idle += time.perf_counter() - me.synced_at
                 me.idle_steps += 1
-            return me._replay(graphs, *args)
+                me.synced_at = None
+            return me._replay(graph)
 
-        model_runner.ModelRunner._decode, model_runner.ModelRunner.run, DecodeGraphs.run = decode, run, replay
+        model_runner.ModelRunner._decode, model_runner.ModelRunner.run = decode, run
+        torch.cuda.CUDAGraph.replay = replay
         return self
 
     def __exit__(self, *exc) -> None:
         model_runner.ModelRunner._decode, model_runner.ModelRunner.run = self._decode, self._run
-        DecodeGraphs.run = self._replay
+        torch.cuda.CUDAGraph.replay = self._replay
 
 
 def parse_args() -> argparse.Namespace:
