@@ -17,15 +17,16 @@ The split counts of decode attention are fixed per bucket from max_model_len.
 Sampling runs in graphs too: a step replays the bucket's forward graph, then a sampler graph that
 reads the forward's static logits and writes static (B,) tokens int64 and log-probs float32.
   - Variants. The sampler's host flags (SamplingTensors: greedy, sampled, scaled, filtered) choose
-    its code path, so a sampler graph is captured per (bucket, flags), lazily at first use (a few
-    dozen kernels: milliseconds). It is the eager code path itself, so it gives the eager sampler's
-    bits for the same logits and uniforms. Why not one general graph: counted on the CPU (kernels
-    per step / passes over the (B, V) float32 logits, 78 MB each at B = 128, V = 151936; a bf16
-    model adds one cast): all greedy 4 / 2; sampled at temperature 1, no greedy row, no filter
-    (the GRPO default) 10 / 4; the general unfiltered path 16 / 6; with top-k / top-p 39 / 16
-    (a sort among them); each graph adds 4 tiny kernels (the uniform's gather, two output copies,
-    the counter). The general path would cost the default 2 more passes and everyone the filter's
-    10; a run normally uses one flag set, so one sampler graph per bucket.
+    its code path, so a sampler graph is captured per (bucket, flags): with the forward graphs for
+    the two flag sets runs use most (PRECAPTURED), any other at its first use (a few dozen
+    kernels, but torch.cuda.graph also runs gc.collect and empties the allocator's cache: a pause,
+    once per bucket and flags). Each is the eager code path itself: the eager sampler's bits for the same
+    logits and uniforms. Why not one general path: counted on the CPU (kernels per step / passes
+    over the (B, V) float32 logits, 78 MB each at B = 128, V = 151936; a bf16 model adds a cast):
+    all greedy 4 / 2; temperature 1, no greedy row, no filter (the recipe's rollouts) 10 / 4; the
+    general unfiltered path 16 / 6; with top-k / top-p 39 / 16 (a sort among them); each graph
+    adds 4 tiny kernels (the uniform's gather, two output copies, the counter). The general path
+    would cost the recipe 2 more passes and everyone the filter's 10.
   - Why a second graph instead of forward + sampling in one: variants do not repeat the forward's
     capture (hundreds of kernels, its memory); the price is one more graph launch per step
     (microseconds of host time). All graphs share one memory pool and run back to back on one
@@ -52,6 +53,11 @@ from rlpt_fast.rollout.attention import DecodeMeta
 from rlpt_fast.rollout.cascade_attention import BLOCK_M, PrefixGroups
 from rlpt_fast.rollout.decode_attention import choose_num_splits
 from rlpt_fast.rollout.sampler import AHEAD, RowParams, SamplingTensors, sample
+
+
+# sampler code paths (greedy, sampled, scaled, filtered) captured with the forward graphs: plain
+# sampling at temperature 1 (the recipe's rollouts) and all greedy (evaluation)
+PRECAPTURED = ((False, True, False, False), (True, False, False, False))
 
 
 class DecodeGraphs:
@@ -151,10 +157,13 @@ class DecodeGraphs:
         self.live.zero_()
         for b in reversed(self.buckets):
             self.graphs[b], self.outputs[b] = self._record(lambda b=b: self._forward(b))
+        for b in reversed(self.buckets):
+            for flags in PRECAPTURED:
+                self._sampler(b, flags)
 
-    def _sampler(self, bucket: int, rows: RowParams):
-        """The sampler graph of the bucket for the rows' code path, captured at first use."""
-        flags = (rows.greedy, rows.sampled, rows.scaled, rows.filtered)
+    def _sampler(self, bucket: int, flags: tuple[bool, bool, bool, bool]):
+        """The sampler graph of the bucket for the code path of flags (greedy, sampled, scaled,
+        filtered), captured at first use."""
         graph = self.samplers.get((bucket, flags))
         if graph is None:
             moved = (self.ids, self.positions, self.slots, self.lens, self.column)  # by the warm-up call
@@ -179,7 +188,7 @@ class DecodeGraphs:
         tokens (B,) int64 and log-probs (B,) float32, static buffers valid until the next replay."""
         b = len(positions)
         bucket = next(x for x in self.buckets if x >= b)
-        sampler = self._sampler(bucket, rows)
+        sampler = self._sampler(bucket, (rows.greedy, rows.sampled, rows.scaled, rows.filtered))
         if inputs is not None:
             self._load_inputs(b, bucket, inputs, tables)
         elif self.advanced_rows != b:

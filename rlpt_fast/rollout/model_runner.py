@@ -8,12 +8,12 @@ Per step it builds (on the host, from Python lists, then one copy each to the de
            tokens (each request's images are encoded once per generate call);
   decode:  the last token of each sequence, its position, its slot, the block tables (rebuilt
            only when they change), the context lengths and the grouping of rows that share
-           prompt blocks (cascade decode). On the GPU the forward AND the sampling are replayed
-           from CUDA graphs (cuda_graphs.py: the sampling parameters and uniforms sit in static
-           buffers that a steady step does not touch). While the same sequences keep decoding and
-           no table changes, the inputs advance in place on the device (the sampled tokens,
-           positions/slots/lengths + 1) and the sampling parameters are reused: a CPU step is
-           then a few hundred small ops, run under inference mode.
+           prompt blocks (cascade decode). While the same sequences keep decoding and no table
+           changes (a "steady" step), the inputs advance in place on the device (the sampled
+           tokens, positions/slots/lengths + 1) and the sampling parameters are reused: a CPU step
+           is then a few hundred small ops, run under inference mode. On the GPU the forward AND
+           the sampling are replayed from CUDA graphs (cuda_graphs.py), whose sampler graph also
+           advances the static inputs: a steady GPU step is two replays and the host sync.
 The model's parameters are used as they are (LoRA included): nothing is copied, so the next step
 after an optimizer step sees the new weights.
 """

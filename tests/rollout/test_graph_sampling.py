@@ -95,6 +95,16 @@ def test_graphed_engine_equals_eager_engine(model, fake_graphs, case):
         assert {b for b, _ in graphs.samplers} >= {4, 8}
 
 
+def test_recipe_and_greedy_paths_are_captured_with_the_forward_graphs(model, fake_graphs):
+    engine = Engine(model, **KW, cuda_graphs=True)
+    graphs = engine.runner.graphs
+    assert set(graphs.samplers) == {(b, f) for b in graphs.buckets for f in cuda_graphs.PRECAPTURED}
+    sampled = [SamplingParams(n=3, max_tokens=5, seed=1, ignore_eos=True), SamplingParams(n=2, max_tokens=3, seed=1)]
+    engine.generate(requests(model.config), [*sampled, sampled[0]])
+    engine.generate(requests(model.config), GREEDY)
+    assert len(graphs.samplers) == len(graphs.buckets) * 2  # the recipe's rollouts, greedy: no capture mid-run
+
+
 def test_graphed_engine_equals_eager_under_preemption(model, fake_graphs):
     params = [SamplingParams(n=3, max_tokens=12, seed=5, ignore_eos=True), GREEDY,
               SamplingParams(n=2, temperature=0.8, top_k=8, max_tokens=10, seed=6, ignore_eos=True)]
