@@ -226,7 +226,8 @@ def main() -> None:
         ours, theirs = build_models(kind, args.device, dtype, Path(tmp))
     prompts = build_prompts(ours.config, args.batch, args.prompt_tokens)
     ceil = measure_ceilings(args.device)
-    report = Report("rollout", args.device)
+    # its own records file: the sweep table shows the newest record per subject
+    report = Report("rollout_lora" if args.lora else "rollout", args.device)
     report.card = dict(model=f"{kind} qwen2_5_vl (random weights) {dtype}", batch=args.batch, group=args.group,
                        prompt_tokens=prompts[0][0].numel(), new_tokens=args.new_tokens, block_size=args.block_size,
                        threads=torch.get_num_threads(),

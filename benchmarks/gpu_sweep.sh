@@ -7,10 +7,12 @@
 # The device copies the working tree as it is, others' unfinished edits included; to measure a
 # commit, export it (benchmarks/export_tree.sh -> .snap/, carried) and run the sweep from there.
 #
-# Stages (default: all, in this order; together about 11 minutes on an H100, more than one call
-# may run: split them, e.g. `tests rollout host train` then `memory7b kernels model`):
+# Stages (default: all, in this order; together about 14 minutes on an H100, more than one call
+# may run: split them, e.g. `tests rollout rollout_lora decode host` then `train memory7b kernels model`):
 #   tests        gpu-marked tests (bf16 kernels at V 151936, CUDA-graph engine, flex packing)
 #   rollout      bench_rollout: engine vs generate, 3B shape, B = 16 x G = 8
+#   rollout_lora bench_rollout --lora 64: decode step with LoRA, cached adapters vs per-call casts
+#   decode       bench_decode_layer: 3B decoder layers' decode step, eager ops vs fused kernels
 #   host         profile_host: host share of a decode step at batch 64 (csrc/ decision)
 #   train        bench_train_step: one GRPO step vs TRL's GRPOTrainer, 3B shape
 #   memory7b     bench_train_step --memory-7b: RePIC's 7B LoRA recipe on one GPU
@@ -25,7 +27,7 @@ OUT=${OUT:-/tmp/rlpt_sweep}
 LOGS=$(mktemp -d)
 mkdir -p "$OUT"
 DRY=0; [ "${1:-}" = "--dry-run" ] && { DRY=1; shift; }
-STAGES=${*:-tests rollout host train memory7b kernels model}
+STAGES=${*:-tests rollout rollout_lora decode host train memory7b kernels model}
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 REV=${RLPT_GIT_REV:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -69,6 +71,8 @@ for s in $STAGES; do
     case $s in
       tests)    stage tests 300 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_gpu_bf16.py ;;
       rollout)  stage rollout 300 $PY benchmarks/bench_rollout.py --repeat 1 --new-tokens 64 ;;
+      rollout_lora) stage rollout_lora 300 $PY benchmarks/bench_rollout.py --lora 64 --repeat 1 --new-tokens 64 ;;
+      decode)   stage decode 120 $PY benchmarks/bench_decode_layer.py ;;
       host)     stage host 120 $PY benchmarks/profile_host.py --batch 2 --new-tokens 16 ;;
       train)    stage train 400 $PY benchmarks/bench_train_step.py ;;
       memory7b) echo "memory7b: GPU only" ;;
@@ -78,8 +82,10 @@ for s in $STAGES; do
     esac
   else
     case $s in
-      tests)    stage tests 55 $PY -m pytest -q -p no:cacheprovider --tb=short -m gpu tests ;;
+      tests)    stage tests 80 $PY -m pytest -q -p no:cacheprovider --tb=short -m gpu tests ;;
       rollout)  stage rollout 130 $PY benchmarks/bench_rollout.py ;;
+      rollout_lora) stage rollout_lora 120 $PY benchmarks/bench_rollout.py --lora 64 ;;
+      decode)   stage decode 90 $PY benchmarks/bench_decode_layer.py ;;
       host)     stage host 45 $PY benchmarks/profile_host.py ;;
       train)    stage train 200 $PY benchmarks/bench_train_step.py --steps 1 ;;  # TRL: ~60 s a step
       memory7b) stage memory7b 65 $PY benchmarks/bench_train_step.py --memory-7b ;;
