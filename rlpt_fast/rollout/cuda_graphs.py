@@ -15,7 +15,8 @@ disabling a LoRA adapter, is NOT seen: build a new Engine (or call engine.recapt
 The split counts of decode attention are fixed per bucket from max_model_len.
 
 Sampling runs in graphs too: a step replays the bucket's forward graph, then a sampler graph that
-reads the forward's static logits and writes static (B,) tokens int64 and log-probs float32.
+reads the forward's static logits and writes each row's token and log-prob into a static (B, 2)
+float64 buffer (pack_samples: the host reads it in one copy, with no kernel of its own).
   - Variants. The sampler's host flags (SamplingTensors: greedy, sampled, scaled, filtered) choose
     its code path, so a sampler graph is captured per (bucket, flags): with the forward graphs for
     the two flag sets runs use most (PRECAPTURED), any other at its first use (a few dozen
@@ -91,8 +92,7 @@ class DecodeGraphs:
         self.top_p = torch.ones(self.max_bs, dtype=torch.float32, device=dev)
         self.uniforms = torch.full((self.max_bs, AHEAD), 0.5, dtype=torch.float32, device=dev)
         self.column = torch.zeros(1, dtype=torch.int64, device=dev)
-        self.tokens = torch.zeros(self.max_bs, dtype=torch.int64, device=dev)
-        self.logprobs = torch.zeros(self.max_bs, dtype=torch.float32, device=dev)
+        self.sampled = torch.zeros(self.max_bs, 2, dtype=torch.float64, device=dev)  # token id, log-prob
         self.loaded_rows: RowParams | None = None
         self.loaded_table: torch.Tensor | None = None
         self.next_column: int | None = None  # the column the device counter holds (None: unknown)
@@ -117,14 +117,14 @@ class DecodeGraphs:
         return self.runner.decode_logits(self.ids[:b], self.positions[:, :b], self._meta(b))
 
     def _sample(self, b: int, flags: tuple[bool, bool, bool, bool]) -> None:
-        """Samples the bucket's static logits into the static tokens / log-probs on the code path
-        of flags (greedy, sampled, scaled, filtered); advances the column counter."""
+        """Samples the bucket's static logits into the static (b, 2) samples on the code path of
+        flags (greedy, sampled, scaled, filtered); advances the column counter and the inputs."""
         u = self.uniforms[:b].gather(1, self.column.expand(b, 1)).squeeze(1)                   # (b,)
         greedy, sampled, scaled, filtered = flags
         st = SamplingTensors(self.temperature[:b], self.top_k[:b], self.top_p[:b], u, filtered, greedy, sampled, scaled)
         tokens, logprobs = sample(self.outputs[b], st)
-        self.tokens[:b].copy_(tokens)
-        self.logprobs[:b].copy_(logprobs)
+        self.sampled[:b, 0].copy_(tokens)
+        self.sampled[:b, 1].copy_(logprobs)
         self.column.add_(1)
         live = self.live[:b]  # the next step's inputs, should the same rows go on
         self.ids[:b].copy_(tokens)
@@ -179,13 +179,14 @@ class DecodeGraphs:
         return b <= self.max_bs
 
     def run(self, inputs: torch.Tensor | None, tables: torch.Tensor, cascade, rows: RowParams,
-            positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            positions: list[int]) -> torch.Tensor:
         """One decode step, forward and sampling. inputs (4, B) int64 on the device: token ids,
         positions, slots, context lengths; or None when the static inputs hold this step already
         (advanced_rows == B: the previous step's rows one token further, same block tables);
         tables (B, W) int32 on the device; cascade: the step's CascadeMeta or None; rows: the B
         rows' sampling parameters; positions: each row's token count (its uniform's key). Returns
-        tokens (B,) int64 and log-probs (B,) float32, static buffers valid until the next replay."""
+        (B, 2) float64: each row's token id and log-prob (pack_samples), a static buffer valid
+        until the next replay."""
         b = len(positions)
         bucket = next(x for x in self.buckets if x >= b)
         sampler = self._sampler(bucket, (rows.greedy, rows.sampled, rows.scaled, rows.filtered))
@@ -200,7 +201,7 @@ class DecodeGraphs:
         self.graphs[bucket].replay()
         sampler.replay()
         self.advanced_rows = b
-        return self.tokens[:b], self.logprobs[:b]
+        return self.sampled[:b]
 
     def _load_inputs(self, b: int, bucket: int, inputs: torch.Tensor, tables: torch.Tensor) -> None:
         self.ids[:b].copy_(inputs[0])

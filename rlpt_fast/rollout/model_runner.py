@@ -31,7 +31,7 @@ from rlpt_fast.rollout.decode_attention import choose_num_splits
 from rlpt_fast.rollout.kv_cache import count_blocks
 from rlpt_fast.rollout.params import Request, SamplingParams
 from rlpt_fast.rollout.prefill_attention import PrefillMeta
-from rlpt_fast.rollout.sampler import RowParams, sample
+from rlpt_fast.rollout.sampler import RowParams, pack_samples, sample
 from rlpt_fast.rollout.scheduler import Batch
 from rlpt_fast.rollout.sequence import Sequence
 
@@ -111,17 +111,16 @@ class ModelRunner:
             if logits is None:
                 return [[] for _ in batch.seqs]
             positions = [s.num_tokens for s, k in zip(batch.seqs, batch.num_samples) for _ in range(k)]
-            tokens, logprobs = sample(logits, self._row_params(batch).at(positions))
+            sampled = pack_samples(*sample(logits, self._row_params(batch).at(positions)))
         else:
             # Eager decode (no CUDA graphs: the CPU) is a few hundred tiny ops per step, and
             # inference mode takes the autograd bookkeeping off each (~12% of a CPU step). Only
             # decode: prefill encodes the images that the trainer's forward reuses (they must
             # stay normal tensors), and every tensor a decode step makes lives in the runner.
             with torch.inference_mode(self.graphs is None):
-                tokens, logprobs = self._decode(batch)
-        self._last_tokens = tokens
-        flat = torch.stack([tokens.double(), logprobs.double()]).cpu().tolist()  # the step's one host sync
-        pairs = list(zip(map(int, flat[0]), flat[1]))
+                sampled = self._decode(batch)
+        self._last_tokens = sampled[:, 0]
+        pairs = [(int(t), lp) for t, lp in sampled.cpu().tolist()]  # the step's one host sync
         if not batch.is_prefill:  # one sample per sequence
             return [[pair] for pair in pairs]
         out, i = [], 0
@@ -196,10 +195,10 @@ class ModelRunner:
         ids = torch.tensor([self.image_token_id], device=self.device)
         return self.model.model.language_model.embed_tokens(ids)
 
-    def _decode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode step: each sequence's next token (B,) int64 and its log-prob (B,) float32, on
-        the device. On CUDA graphs the forward and the sampling are replayed; eagerly, the logits
-        are sampled with the same sampler."""
+    def _decode(self, batch: Batch) -> torch.Tensor:
+        """One decode step: each sequence's next token and its log-prob, (B, 2) float64 on the
+        device (pack_samples). On CUDA graphs the forward and the sampling are replayed; eagerly,
+        the logits are sampled with the same sampler."""
         seqs, bs = batch.seqs, self.config.block_size
         lens = [s.num_tokens for s in seqs]
         ids = [s.seq_id for s in seqs]
@@ -221,7 +220,7 @@ class ModelRunner:
             meta.cascade = cascade
         elif cascade is not None:
             meta.groups = self._groups
-        return sample(self.decode_logits(inputs[0], inputs[1].expand(3, -1), meta), rows.at(lens))
+        return pack_samples(*sample(self.decode_logits(inputs[0], inputs[1].expand(3, -1), meta), rows.at(lens)))
 
     def _decode_inputs(self, seqs: list[Sequence], lens: list[int], steady: bool) -> torch.Tensor:
         """(4, B) int64 on the device: token ids, positions, slots, context lengths. On a steady

@@ -162,3 +162,9 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, tor
     if st.greedy:
         drawn = torch.where(greedy[:, None], logits.argmax(-1, keepdim=True), drawn)
     return drawn.squeeze(1), logp.gather(1, drawn).squeeze(1)
+
+
+def pack_samples(tokens: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """tokens (R,) int64, logprobs (R,) float32 -> (R, 2) float64 on their device: what the host
+    reads after a step, in one copy (token ids and float32 values are exact in float64)."""
+    return torch.stack([tokens.double(), logprobs.double()], dim=1)
