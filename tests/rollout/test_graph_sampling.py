@@ -4,7 +4,8 @@ sampler variants and the device-side column counter run as they do on the GPU. G
 logits, the graph's sampling IS the eager sampler, bit for bit. The graphed engine gives the eager
 engine's tokens, and its log-probs up to float rounding: the graph's forward runs at the bucket's
 padded shape over full-width block tables, which rounds the logits differently. A steady decode
-step writes nothing into the sampling buffers."""
+step (same rows, no block table changed) writes nothing into the static buffers and runs no op
+outside its two replays."""
 from types import SimpleNamespace
 
 import pytest
@@ -210,3 +211,39 @@ def test_real_cuda_graphs_sample_as_the_eager_gpu_path(ckpt25):
         assert [[c.token_ids for c in o] for o in graphed.generate(reqs, params)] == \
                [[c.token_ids for c in o] for o in got]
     assert len({f for _, f in graphed.runner.graphs.samplers}) >= 3
+
+
+class Launches(TorchDispatchMode):
+    """Counts the ops (kernel launches on a GPU) run outside the (fake) replays; views are free."""
+    VIEWS = {"view", "slice", "select", "expand", "squeeze", "unsqueeze", "alias", "as_strided", "t"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not FakeGraph.replaying and func.__name__.split(".")[0] not in self.VIEWS:
+            self.ops.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_steady_decode_step_launches_nothing_outside_the_replays(model, fake_graphs, monkeypatch):
+    from rlpt_fast.rollout import model_runner
+
+    engine = Engine(model, **KW, cuda_graphs=True)
+    steps = []  # per decode step: (ops outside the replays, a block table changed)
+    real_run = model_runner.ModelRunner.run
+
+    def counted_run(self, batch):
+        if batch.is_prefill:
+            return real_run(self, batch)
+        with Launches() as mode:
+            out = real_run(self, batch)
+        steps.append((mode.ops, self._tables_changed))
+        return out
+
+    monkeypatch.setattr(model_runner.ModelRunner, "run", counted_run)
+    engine.generate(requests(model.config)[:2], SamplingParams(n=3, max_tokens=12, seed=7, ignore_eos=True))
+    steady = [ops for ops, changed in steps[1:] if not changed]
+    assert len(steady) >= 5 and steady == [[]] * len(steady), steps  # (on a GPU: the host copy of the samples)
+    assert all(ops for ops, changed in steps[1:] if changed)  # a table change reloads the inputs
