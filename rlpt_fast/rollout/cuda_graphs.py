@@ -55,7 +55,6 @@ from rlpt_fast.rollout.cascade_attention import BLOCK_M, PrefixGroups
 from rlpt_fast.rollout.decode_attention import choose_num_splits
 from rlpt_fast.rollout.sampler import AHEAD, RowParams, SamplingTensors, sample
 
-
 # sampler code paths (greedy, sampled, scaled, filtered) captured with the forward graphs: plain
 # sampling at temperature 1 (the recipe's rollouts) and all greedy (evaluation)
 PRECAPTURED = ((False, True, False, False), (True, False, False, False))

@@ -215,7 +215,7 @@ def test_real_cuda_graphs_sample_as_the_eager_gpu_path(ckpt25):
 
 class Launches(TorchDispatchMode):
     """Counts the ops (kernel launches on a GPU) run outside the (fake) replays; views are free."""
-    VIEWS = {"view", "slice", "select", "expand", "squeeze", "unsqueeze", "alias", "as_strided", "t"}
+    VIEWS = frozenset({"view", "slice", "select", "expand", "squeeze", "unsqueeze", "alias", "as_strided", "t"})
 
     def __init__(self):
         super().__init__()
