@@ -145,8 +145,8 @@ class DecodeGraphs:
 
     @torch.no_grad()
     def capture(self) -> None:
-        """(Re)captures the forward graphs, largest bucket first (smaller ones reuse its memory);
-        sampler graphs are dropped and captured again at first use."""
+        """(Re)captures the forward graphs, largest bucket first (smaller ones reuse its memory),
+        then the PRECAPTURED sampler graphs; other sampler graphs again at their first use."""
         self.graphs.clear()
         self.outputs.clear()
         self.samplers.clear()
