@@ -13,6 +13,11 @@ The graphs hold pointers to the parameters, not copies: in-place optimizer steps
 next replay. Replacing a parameter tensor (not in place), or toggling a Python-level switch such as
 disabling a LoRA adapter, is NOT seen: build a new Engine (or call engine.recapture()) after that.
 The split counts of decode attention are fixed per bucket from max_model_len.
+LoRA adapters are read through their inference caches (model/lora_inference.py: A and scaling * B
+in the activations' dtype), not the fp32 parameters: a replay runs no Python, so an optimizer step
+on the adapters is seen only because Engine.generate (and capture) first refreshes those caches in
+place (lora.pinned_lora_caches). engine.step() called alone after an adapter update needs
+lora.refresh_lora_caches(model) first.
 
 Sampling runs in graphs too: a step replays the bucket's forward graph, then a sampler graph that
 reads the forward's static logits and writes each row's token and log-prob into a static (B, 2)
