@@ -4,8 +4,8 @@ start learns the caption language."""
 import pytest
 import torch
 
-from rlpt_fast.demo.base_model import (BaseModelConfig, caption_ids, save_checkpoint, scene_prompt,
-                                       warm_start, write_random_checkpoint)
+from rlpt_fast.demo.base_model import (BaseModelConfig, WeightAverage, caption_ids, save_checkpoint,
+                                       scene_prompt, warm_start, write_random_checkpoint)
 from rlpt_fast.demo.teacher_forcing import caption_loss, padded_causal_attention
 from rlpt_fast.demo.world import build_world, caption
 from rlpt_fast.model import load_model
@@ -63,3 +63,23 @@ def test_warm_start_learns_captions_and_saves_a_loadable_checkpoint(setup):
     torch.testing.assert_close(again.logits(p.input_ids, p.pixel_values, p.image_grid_thw),
                                model.logits(p.input_ids, p.pixel_values, p.image_grid_thw))
     assert not any(p.requires_grad for p in again.model.visual.parameters())
+
+
+def test_weight_average_is_the_warmed_up_exponential_average():
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    avg = WeightAverage([w], decay=0.2)
+    ref = w.detach().clone()
+    # decay at update t: min(0.2, (1 + t) / (10 + t)) = 0.1, 2/11, then 0.2 (the cap)
+    for value, d in zip([3.0, 5.0, -1.0, 7.0], [0.1, 2 / 11, 0.2, 0.2]):
+        with torch.no_grad():
+            w.fill_(value)
+        avg.update()
+        ref = d * ref + (1 - d) * torch.full((2,), value)
+    assert w.detach().tolist() == [7.0, 7.0]  # update leaves the parameters alone
+    avg.copy_to()
+    torch.testing.assert_close(w.detach(), ref)
+
+
+def test_config_rejects_bad_ema():
+    with pytest.raises(ValueError, match="ema"):
+        BaseModelConfig(ema=1.0)
