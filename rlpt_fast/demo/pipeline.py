@@ -87,15 +87,15 @@ def _setup_lines(cfg: DemoConfig, dw, trainer, losses: list[float], rl_seconds: 
     m = trainer.model.config
     n_params = sum(p.numel() for n, p in trainer.model.named_parameters() if "lora_" not in n)
     b, r = cfg.base, cfg.rl
+    ema = f", weights averaged (EMA {b.ema})" if b.ema else ""
     return [
         f"World (seed {cfg.seed}): one user's cast of {len(dw.world.concepts)} named concepts "
         f"({', '.join(dw.names)}); {len(dw.train_scenes)} training scenes, {len(dw.queries)} held-out "
         f"queries; references inserted as RePIC's skip-retrieval lays them out.",
         f"Base model: Qwen2.5-VL architecture, hidden {m.hidden_size}, {m.num_hidden_layers} layers, "
         f"vocabulary {m.vocab_size}, {n_params / 1e3:.0f}K parameters, random vision tower (frozen).",
-        f"Warm start: {b.steps} steps x {b.batch} captions, lr {b.lr}, weights averaged (EMA {b.ema}); "
-        f"{100 * b.personal_rate:.0f}% of captions name the concepts, the rest are generic; final "
-        f"loss {losses[-1]:.3f}.",
+        f"Warm start: {b.steps} steps x {b.batch} captions, lr {b.lr}{ema}; {100 * b.personal_rate:.0f}% of "
+        f"captions name the concepts, the rest are generic; final loss {losses[-1]:.3f}.",
         f"GRPO: {r.steps} steps x {r.prompts_per_step} prompts x G={r.num_generations}, beta {r.beta} "
         f"(k3), LoRA r={r.lora_r} alpha={r.lora_alpha} on every decoder Linear and lm_head, lr {r.lr} "
         f"(constant), temperature 1, {r.max_new_tokens} new tokens max; {rl_seconds:.0f}s.",

@@ -15,7 +15,7 @@ from rlpt_fast.prompts import PromptBuilder
 
 TINY = BaseModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, vision_hidden_size=16, steps=40, batch=8, lr=5e-3,
-                       personal_rate=0.2)
+                       personal_rate=0.2, ema=0.9)
 
 
 @pytest.fixture(scope="module")
