@@ -162,15 +162,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
 @contextmanager
 def adapter_disabled(model: nn.Module):
     """Within the block the model is the base model exactly (reference log-probs; no weight copy)."""
-    layers = [m for _, m in lora_layers(model)]
-    before = [m.disabled for m in layers]
-    for m in layers:
-        m.disabled = True
-    try:
+    with _switched_on([m for _, m in lora_layers(model)], "disabled"):
         yield model
-    finally:
-        for m, was in zip(layers, before):
-            m.disabled = was
 
 
 def refresh_lora_caches(model: nn.Module, dtype: torch.dtype | None = None) -> int:
@@ -191,15 +184,21 @@ def pinned_lora_caches(model: nn.Module, dtype: torch.dtype | None = None):
     """Refreshes every cache, then lets forward use it (gradient-free, dropout off) within the block.
     The adapters must not change inside the block (the engine's generate and graph capture)."""
     refresh_lora_caches(model, dtype)
-    caches = [m.inference_cache for _, m in lora_layers(model)]
-    before = [c.pinned for c in caches]
-    for c in caches:
-        c.pinned = True
-    try:
+    with _switched_on([m.inference_cache for _, m in lora_layers(model)], "pinned"):
         yield model
+
+
+@contextmanager
+def _switched_on(objects: list, flag: str):
+    """Sets the bool attribute `flag` of every object within the block, then puts each value back."""
+    before = [getattr(o, flag) for o in objects]
+    for o in objects:
+        setattr(o, flag, True)
+    try:
+        yield
     finally:
-        for c, was in zip(caches, before):
-            c.pinned = was
+        for o, was in zip(objects, before):
+            setattr(o, flag, was)
 
 
 def lm_head_weight(model: nn.Module) -> torch.Tensor:
