@@ -99,6 +99,24 @@ def make_world(seed: int = 0, n_concepts: int = 8, n_scenes: int = 48, *, ref_si
     return World(seed, concepts, scenes, ref_size, scene_size, n_train)
 
 
+def more_scenes(world: World, n: int, tag: str = "more") -> tuple[Scene, ...]:
+    """n further scenes of the world's cast, each with at least one concept, drawn like the
+    world's own (concepts, distractors, boxes) from their own rng (seeded by the world's seed and
+    `tag`), so the world's scenes, training rows and query set stay exactly as they were. Indices
+    continue after the world's last scene, so scene_path never collides with one of them."""
+    if n < 0:
+        raise ValueError(f"more_scenes: n must be >= 0, got {n}")
+    rng = random.Random(f"{tag}:{world.seed}")
+    out: list[Scene] = []
+    index = len(world.scenes)
+    while len(out) < n:
+        sc = _scene(rng, index, world.concepts, world.scene_size)
+        index += 1
+        if sc.keys:
+            out.append(sc)
+    return tuple(out)
+
+
 def _distinct_looks(rng: random.Random, n: int) -> list[Look]:
     # Distinct (shape, colour) pairs, so no two concepts differ by texture alone.
     pairs = [(s, c) for s in SHAPES for c in COLOURS]
@@ -292,15 +310,20 @@ class WorldFiles:
     queries: Path    # synthetic_query_templates.json
 
 
+def write_scene_images(world: World, scenes, root: str | Path) -> None:
+    """PNG of each scene at root / scene_path(scene) (deterministic bytes)."""
+    (Path(root) / "scenes").mkdir(parents=True, exist_ok=True)
+    for sc in scenes:
+        scene_image(world, sc).save(Path(root) / scene_path(sc))
+
+
 def write_world(world: World, out_dir: str | Path) -> WorldFiles:
     """Write images, rows, database and query set under out_dir (PNG, deterministic bytes)."""
     root = Path(out_dir)
     (root / "refs").mkdir(parents=True, exist_ok=True)
-    (root / "scenes").mkdir(exist_ok=True)
     for c in world.concepts:
         reference_image(world, c.key).save(root / ref_path(c))
-    for sc in world.scenes:
-        scene_image(world, sc).save(root / scene_path(sc))
+    write_scene_images(world, world.scenes, root)
     files = WorldFiles(root, root / "train.jsonl", root / "database_mod.json",
                        root / "synthetic_query_templates.json")
     files.rows.write_text("".join(json.dumps(r) + "\n" for r in training_rows(world)))

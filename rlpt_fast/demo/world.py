@@ -31,7 +31,7 @@ from pathlib import Path
 from rlpt_fast.data import ConceptDatabase, Query, load_database, load_queries
 from rlpt_fast.prompts import SINGLE_QUESTIONS, MULTI_QUESTIONS, SYSTEM_PROMPT, question_for
 from rlpt_fast.synthetic import (COLOURS, SHAPES, TEXTURES, Scene, World, WorldFiles, make_world,
-                                 scene_path, write_world)
+                                 more_scenes, scene_path, write_scene_images, write_world)
 
 CAPTION_HEAD = "In this picture we can see "
 CAPTION_TAIL = " placed together on a plain light background, in a simple scene."
@@ -44,7 +44,9 @@ class DemoWorld:
     """The world, its files on disk, and the scenes split into training and evaluation.
 
     train_scenes / eval_scenes: scenes with at least one concept (a personalized caption needs
-    one); queries: the evaluation query set as `rlpt_fast.data` loads it (one per eval scene).
+    one); queries: the evaluation query set as `rlpt_fast.data` loads it (one per eval scene);
+    pretrain_scenes: further scenes of the same cast that only the warm start sees (a base
+    model's broader pretraining; not in the RL rows, never held-out scenes).
     """
     world: World
     files: WorldFiles
@@ -52,6 +54,11 @@ class DemoWorld:
     train_scenes: tuple[Scene, ...]
     eval_scenes: tuple[Scene, ...]
     queries: tuple[Query, ...]
+    pretrain_scenes: tuple[Scene, ...] = ()
+
+    @property
+    def warm_start_scenes(self) -> tuple[Scene, ...]:
+        return self.train_scenes + self.pretrain_scenes
 
     @property
     def names(self) -> list[str]:
@@ -63,18 +70,23 @@ class DemoWorld:
 
 
 def build_world(out_dir: str | Path, seed: int = 0, n_concepts: int = 8,
-                n_scenes: int = 240, eval_fraction: float = 0.2) -> DemoWorld:
+                n_scenes: int = 240, eval_fraction: float = 0.2,
+                n_pretrain_scenes: int = 0) -> DemoWorld:
     """Draw the world for `seed`, write it under out_dir and load it back through the recipe's
-    loaders (so the demo reads exactly what a user's RePIC-format data would give)."""
+    loaders (so the demo reads exactly what a user's RePIC-format data would give).
+    n_pretrain_scenes further scenes (synthetic.more_scenes) are drawn and written for the warm
+    start; they change nothing else."""
     world = make_world(seed, n_concepts, n_scenes, eval_fraction=eval_fraction)
     files = write_world(world, out_dir)
+    pretrain = more_scenes(world, n_pretrain_scenes, tag="pretrain")
+    write_scene_images(world, pretrain, files.root)
     database = load_database(files.database)
     queries = tuple(load_queries(files.queries))
     train = tuple(s for s in world.scenes[:world.n_train_scenes] if s.keys)
     evals = tuple(s for s in world.scenes[world.n_train_scenes:] if s.keys)
     if len(queries) != len(evals):
         raise AssertionError(f"{files.queries}: {len(queries)} queries for {len(evals)} scenes")
-    return DemoWorld(world, files, database, train, evals, queries)
+    return DemoWorld(world, files, database, train, evals, queries, pretrain)
 
 
 def scene_keys(world: World, scene: Scene) -> list[str]:

@@ -9,6 +9,7 @@ from rlpt_fast.demo.world import (build_world, caption, content_words, non_name_
                                   scene_keys, warm_start_captions)
 from rlpt_fast.metrics import CaptionRecord, score_records
 from rlpt_fast.rewards import score
+from rlpt_fast.synthetic import scene_path
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,23 @@ def test_a_larger_held_out_set_keeps_the_training_scenes(tmp_path):
     assert large.train_scenes == small.train_scenes
     assert large.eval_scenes[:len(small.eval_scenes)] == small.eval_scenes
     assert len(large.queries) > len(small.queries)
+
+
+def test_pretrain_scenes_are_new_scenes_of_the_cast_and_change_nothing_else(tmp_path):
+    plain = build_world(tmp_path / "a", seed=3, n_concepts=5, n_scenes=30)
+    more = build_world(tmp_path / "b", seed=3, n_concepts=5, n_scenes=30, n_pretrain_scenes=25)
+    assert (more.train_scenes, more.eval_scenes) == (plain.train_scenes, plain.eval_scenes)
+    assert [(q.image.name, q.concepts) for q in more.queries] == \
+        [(q.image.name, q.concepts) for q in plain.queries]
+    assert plain.pretrain_scenes == () and plain.warm_start_scenes == plain.train_scenes
+    assert len(more.pretrain_scenes) == 25 and all(s.keys for s in more.pretrain_scenes)
+    assert more.warm_start_scenes == more.train_scenes + more.pretrain_scenes
+    world_paths = {scene_path(s) for s in more.world.scenes}
+    new_paths = {scene_path(s) for s in more.pretrain_scenes}
+    assert len(new_paths) == 25 and not new_paths & world_paths  # no held-out scene reused
+    assert all((more.files.root / p).is_file() for p in new_paths)
+    assert {s.objects for s in more.pretrain_scenes} != {s.objects for s in more.world.scenes[:25]}
+    assert (tmp_path / "b" / "train.jsonl").read_text() == (tmp_path / "a" / "train.jsonl").read_text()
 
 
 def test_captions_name_in_reference_order_and_are_long_enough(dw):

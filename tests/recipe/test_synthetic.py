@@ -2,6 +2,8 @@
 import hashlib
 import time
 
+import pytest
+
 from rlpt_fast import metrics, synthetic
 from rlpt_fast.data import load_database, load_queries, load_rows, open_image
 from rlpt_fast.rewards import score
@@ -52,6 +54,20 @@ def test_world_content():
             allowed = {s.background} if o.look.shape == "ring" else \
                 {rgb, tuple(v // 3 for v in rgb), (255, 255, 255)}
             assert centre in allowed, (o, centre)
+
+
+def test_more_scenes_continue_the_world_by_their_own_rng():
+    w = synthetic.make_world(0, n_concepts=8, n_scenes=60)
+    more = synthetic.more_scenes(w, 40, tag="x")
+    assert more == synthetic.more_scenes(w, 40, tag="x") != synthetic.more_scenes(w, 40, tag="y")
+    assert synthetic.more_scenes(w, 10, tag="x") == more[:10]
+    assert [s.index for s in more] == sorted({s.index for s in more}) and more[0].index >= 60
+    assert all(s.keys for s in more) and {len(s.keys) for s in more} == {1, 2, 3, 4}
+    keys = {c.key for c in w.concepts}
+    assert all(set(s.keys) <= keys for s in more)
+    assert synthetic.more_scenes(w, 0) == ()
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        synthetic.more_scenes(w, -1)
 
 
 def test_round_trip_through_loaders_prompts_rewards_metrics(tmp_path):
