@@ -39,22 +39,22 @@ class BaseModelConfig:
     AdamW lr (cosine to 10%).
 
     steps: GRPO moves the model from its generic captions to its named ones, so the non-name
-    words after GRPO are only as good as the named captions the warm start taught. Measured at
-    seed 0 on 98 held-out queries (greedy non-name accuracy in %: generic captions / named ones,
-    the first name given / after GRPO): 300 steps 98.7 / 97.8 / 97.6; 600 steps 99.1 / 99.0 /
-    98.6. At 900 steps, with rl.py's G = 16 and 8 prompts per step, `rlpt demo` reads 99.78
-    -> 99.76 (116 queries; one 4-concept caption worse, one better).
-    A loss weight on the named captions (3x, the naming token itself left at 1) did not close
-    the gap (600 steps: 99.2 / 98.9 / 98.4), nor did references in a random order.
+    words after GRPO are only as good as the named captions the warm start taught. On the 171
+    RL training scenes alone (~84 passes at 900 steps) the base half memorized them (non-name
+    accuracy 99.1 on its training scenes, 98.1 held out, seed 1) and GRPO's named captions
+    came with their own wrong looks in 4-concept scenes; DemoConfig.pretrain_scenes fixed that.
+    With 800 pretraining scenes, seed 0, 655 held-out queries (non-name % before -> after GRPO
+    at lr 1.5e-3): 900 steps 99.88 -> 99.87, 1200 steps 99.94 -> 99.94 (1 thread) and
+    99.95 -> 99.93 (2 threads); 1600 scenes x 900 steps 100.0 -> 99.98; personal_rate 0.4
+    (1600 scenes) 100.0 -> 99.91 (F1 before 0.8). Earlier, on the memorizing base: 3 layers,
+    a 3x loss weight on named captions, references in a random order, cosine to 1%, each scene
+    repeated per concept and hidden 128 did not help.
 
     ema: 0 = the warm start ends on its last weights; d in (0, 1) = on an exponential moving
-    average of them (Polyak averaging, decay d). Not the default: at seed 0 EMA 0.99 read
-    99.59 -> 99.74 on 1 thread (F1 0.0 -> 98.45; seeds 1 / 2: 98.26 -> 98.45, 98.19 -> 98.38)
-    but 99.71 -> 99.59 with the default 2 threads (F1 5.95 -> 97.29): float rounding alone
-    flips which 4-concept captions come out right, so it is no fix of the small loss.
-    Also measured at seed 0 (last weights): cosine to 1% instead of 10% (99.73 -> 99.71),
-    each scene repeated once per concept it shows (99.70 -> 99.62), hidden 128 at the same lr
-    (98.99 -> 99.01: no loss, but a weaker base)."""
+    average of them (Polyak averaging, decay d). Not the default: on the memorizing base (no
+    pretraining scenes, 116 queries) EMA 0.99 read 99.59 -> 99.74 at seed 0 on 1 thread but
+    99.71 -> 99.59 with 2 threads: float rounding flipped which 4-concept captions came out
+    right."""
     hidden_size: int = 96
     intermediate_size: int = 192
     num_hidden_layers: int = 2
@@ -62,7 +62,7 @@ class BaseModelConfig:
     num_key_value_heads: int = 2
     vision_hidden_size: int = 32
     personal_rate: float = 0.25
-    steps: int = 900
+    steps: int = 1200
     batch: int = 16
     lr: float = 3e-3
     weight_decay: float = 0.0
@@ -117,8 +117,9 @@ def warm_start(model: QwenVLModel, builder: PromptBuilder, dw: DemoWorld, cfg: B
     """Teacher-forced cross-entropy on warm-start captions; returns the loss per step.
     The model is left in eval mode."""
     n = cfg.steps * cfg.batch
-    epochs = -(-n // len(dw.train_scenes))
-    items = warm_start_captions(dw.world, dw.train_scenes, cfg.personal_rate, epochs, seed)[:n]
+    scenes = dw.warm_start_scenes
+    epochs = -(-n // len(scenes))
+    items = warm_start_captions(dw.world, scenes, cfg.personal_rate, epochs, seed)[:n]
     prompts = {}
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

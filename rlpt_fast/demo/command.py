@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="supervised warm-start steps")
     w.add_argument("--personal-rate", type=float, default=BaseModelConfig.personal_rate,
                    help="fraction of warm-start captions that name the concepts")
+    w.add_argument("--pretrain-scenes", type=int, default=DemoConfig.pretrain_scenes,
+                   help="scenes beyond the RL training scenes that only the warm start sees")
     r = p.add_argument_group("GRPO")
     r.add_argument("--rl-steps", type=int, default=RLConfig.steps, help="GRPO steps")
     r.add_argument("--lr", type=float, default=RLConfig.lr, help="GRPO learning rate (LoRA)")
@@ -45,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
     return DemoConfig(out_dir=args.out, seed=args.seed, threads=args.threads,
+                      pretrain_scenes=args.pretrain_scenes,
                       base=BaseModelConfig(steps=args.warm_steps, personal_rate=args.personal_rate),
                       rl=RLConfig(steps=args.rl_steps, lr=args.lr, beta=args.beta))
 

@@ -14,7 +14,7 @@ from rlpt_fast.demo.rl import RLConfig
 from rlpt_fast.demo.world import build_world, non_name_accuracy
 from rlpt_fast.metrics import score_file
 
-SMALL = dict(n_concepts=4, n_scenes=60, eval_fraction=0.2,
+SMALL = dict(n_concepts=4, n_scenes=60, eval_fraction=0.2, pretrain_scenes=30,
              base=BaseModelConfig(hidden_size=64, intermediate_size=128, steps=100, batch=8,
                                   personal_rate=0.2, lr=4e-3),
              rl=RLConfig(steps=10, prompts_per_step=4, num_generations=8, lr=3e-3, beta=0.2,
@@ -73,12 +73,15 @@ def test_report_states_the_numbers(demo):
 
 def test_cli_arguments_map_to_the_config():
     args = build_parser("demo").parse_args(["demo", "--out", "x", "--seed", "3", "--warm-steps", "7",
-                                            "--rl-steps", "5", "--lr", "0.01", "--beta", "0.1"])
+                                            "--rl-steps", "5", "--lr", "0.01", "--beta", "0.1",
+                                            "--pretrain-scenes", "9"])
     cfg = config_from_args(args)
-    assert (cfg.seed, cfg.base.steps, cfg.rl.steps, cfg.rl.lr, cfg.rl.beta, cfg.threads) == \
-        (3, 7, 5, 0.01, 0.1, 2)
+    assert (cfg.seed, cfg.base.steps, cfg.rl.steps, cfg.rl.lr, cfg.rl.beta, cfg.threads,
+            cfg.pretrain_scenes) == (3, 7, 5, 0.01, 0.1, 2, 9)
     assert str(cfg.out_dir) == "x"
     with pytest.raises(ValueError, match="threads"):
         DemoConfig(threads=0)
     with pytest.raises(ValueError, match="eval_fraction"):
         DemoConfig(eval_fraction=1.0)
+    with pytest.raises(ValueError, match="pretrain_scenes"):
+        DemoConfig(pretrain_scenes=-1)
