@@ -126,6 +126,16 @@ class BlockManager:
             self.hash_to_block.setdefault(h, block.block_id)
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, full)
 
+    def reset_prefix_cache(self) -> None:
+        """Forgets every cached block: their K/V were made by weights that have changed since.
+        Only while no sequence holds a block (a live sequence's next hashes chain on its last)."""
+        if self.num_free_blocks != len(self.blocks):
+            held = len(self.blocks) - self.num_free_blocks
+            raise RuntimeError(f"reset_prefix_cache while sequences hold {held} blocks")
+        for b in self.hash_to_block.values():  # (a hash outside the map is never read: _take_free drops it)
+            self.blocks[b].hash = None
+        self.hash_to_block.clear()
+
     # -- internals --------------------------------------------------------------------------
     def _append_needs_block(self, seq: Sequence) -> int:
         i = (seq.num_tokens - 1) // self.block_size

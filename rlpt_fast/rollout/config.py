@@ -12,6 +12,10 @@ class EngineConfig:
     256 MiB) worth, capped at what max_num_seqs sequences of max_model_len can use).
     max_num_seqs: decode batch cap. max_num_batched_tokens: prefill token budget per step (longer
     prompts are chunked). max_model_len: prompt + completion cap (finish_reason "length").
+    enable_prefix_caching: full prompt blocks already computed (same tokens, same images) are reused
+    by later requests of the same generate call. prefix_cache_across_calls: keep them for later
+    calls too; only while the weights stay fixed (evaluation), or call engine.reset_prefix_cache()
+    after changing them: the engine cannot see an update (fused AdamW bumps no version counter).
     cuda_graphs: capture decode per batch-size bucket (None: on CUDA). attention_backend: "triton"
     (paged Triton kernels), "torch" (references) or "auto" (Triton on CUDA, torch elsewhere).
     cascade_decode: the samples of one prompt read its shared KV blocks once per decode step
@@ -24,6 +28,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 4096
     max_model_len: int = 4096
     enable_prefix_caching: bool = False
+    prefix_cache_across_calls: bool = False
     enable_chunked_prefill: bool = True
     cuda_graphs: bool | None = None
     attention_backend: Literal["auto", "triton", "torch"] = "auto"

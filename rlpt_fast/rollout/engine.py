@@ -80,24 +80,27 @@ class Engine:
 
     def generate(self, requests: list[Request], params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[list[Completion]]:
-        """For each request, params.n completions (ordered by sample index)."""
-        params = params or SamplingParams()
-        plist = params if isinstance(params, list) else [params] * len(requests)
-        if len(plist) != len(requests):
-            raise ValueError(f"generate got {len(requests)} requests but {len(plist)} SamplingParams")
+        """For each request, params.n completions (ordered by sample index). If the call raises
+        (bad input, or an error in a step), it leaves no sequence behind: the next call starts clean."""
+        requests, plist = _as_lists(requests, params)
         try:
             with self._inference():  # refreshes the LoRA caches the CUDA graphs read: see the docstring
                 return self._generate(requests, plist)
         finally:
+            self.scheduler.abort()  # (nothing left after a call that returns)
             self.runner.clear_requests()
 
     def _generate(self, requests: list[Request], plist: list[SamplingParams]) -> list[list[Completion]]:
+        if not self.config.prefix_cache_across_calls:
+            self.reset_prefix_cache()
         for i, (req, p) in enumerate(zip(requests, plist)):
-            if len(req.input_ids) >= self.config.max_model_len:
-                raise ValueError(f"request {i}: prompt of {len(req.input_ids)} tokens leaves no room under "
-                                 f"max_model_len={self.config.max_model_len}")
+            self._check_request(i, req)
             seed = p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()).item())
-            self.runner.add_request(i, req, p, seed)
+            try:  # (the model checks the images against their placeholder tokens)
+                self.runner.add_request(i, req, p, seed)
+            except ValueError as e:
+                raise ValueError(f"request {i}: {e}") from e
+        for i, (req, p) in enumerate(zip(requests, plist)):
             self.scheduler.add(self._sequence(i, req, p))
         done: list[Sequence] = []
         while not self.scheduler.is_finished():
@@ -107,6 +110,23 @@ class Engine:
             out[seq.request_index][seq.sample_index] = Completion(
                 seq.completion_token_ids, seq.logprobs, seq.finish_reason)
         return out
+
+    def reset_prefix_cache(self) -> None:
+        """Forgets every cached prompt block (their K/V came from the weights of the time). generate
+        does it at every call unless EngineConfig.prefix_cache_across_calls; call it after changing
+        the weights when that is set."""
+        self.block_manager.reset_prefix_cache()
+
+    def _check_request(self, i: int, req: Request) -> None:
+        """What Request cannot check alone: the prompt against max_model_len and the vocabulary."""
+        if len(req.input_ids) >= self.config.max_model_len:
+            raise ValueError(f"request {i}: prompt of {len(req.input_ids)} tokens leaves no room under "
+                             f"max_model_len={self.config.max_model_len}")
+        vocab = self.model.config.vocab_size
+        top = max(req.input_ids)
+        if top >= vocab:
+            raise ValueError(f"request {i}: token id {top} at index {req.input_ids.index(top)} is not below "
+                             f"vocab_size {vocab}")
 
     def _sequence(self, index: int, req: Request, p: SamplingParams) -> Sequence:
         stops = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids)
@@ -134,26 +154,35 @@ class Engine:
         return finished
 
 
+def _as_lists(requests, params) -> tuple[list[Request], list[SamplingParams]]:
+    """generate's arguments as two lists of the same length, each item of its type."""
+    requests = list(requests)
+    params = params if params is not None else SamplingParams()
+    plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(requests)
+    if len(plist) != len(requests):
+        raise ValueError(f"generate got {len(requests)} requests but {len(plist)} SamplingParams")
+    for name, items, kind in (("requests", requests, Request), ("params", plist, SamplingParams)):
+        for i, x in enumerate(items):
+            if not isinstance(x, kind):
+                raise TypeError(f"generate: {name}[{i}] must be a {kind.__name__}, got {type(x).__name__}")
+    return requests, plist
+
+
 def _image_spans(req: Request, image_token_id: int) -> tuple[ImageSpan, ...]:
-    """Each image's run of placeholder tokens and a digest of its pixels and grid."""
-    if req.pixel_values is None:
+    """Each image's placeholder tokens [start, end) and a digest of its pixels and grid. An image's
+    token count comes from its grid, not from a run of placeholders: two images may touch, and
+    each must keep its own digest (else a prompt that differs in the second image hits the cache)."""
+    at = [i for i, t in enumerate(req.input_ids) if t == image_token_id]
+    if req.pixel_values is None or not at:
         return ()
-    ids = req.input_ids
-    runs, i = [], 0
-    while i < len(ids):
-        if ids[i] == image_token_id:
-            j = i
-            while j < len(ids) and ids[j] == image_token_id:
-                j += 1
-            runs.append((i, j))
-            i = j
-        else:
-            i += 1
     sizes = req.image_grid_thw.prod(-1).tolist()
+    per_token = sum(sizes) // len(at)  # patches per placeholder (merge**2; add_request checked the counts)
     pixels = req.pixel_values.detach().cpu().contiguous().split(sizes)
-    spans = []
-    for (start, end), px, grid in zip(runs, pixels, req.image_grid_thw.tolist()):
+    spans, used = [], 0
+    for px, grid, size in zip(pixels, req.image_grid_thw.tolist(), sizes):
         h = hashlib.sha256(px.view(torch.uint8).numpy())  # the buffer itself, no bytes copy
         h.update(repr(grid).encode())
-        spans.append(ImageSpan(start, end, h.digest()))
+        n = size // per_token
+        spans.append(ImageSpan(at[used], at[used + n - 1] + 1, h.digest()))
+        used += n
     return tuple(spans)

@@ -92,6 +92,9 @@ class ModelRunner:
         if request.pixel_values is not None:
             embeds = self.model.encode_images(request.pixel_values.to(self.device), grid)
         cumsum = [0, *(ids == self.image_token_id).cumsum(0).tolist()]
+        if cumsum[-1] != (0 if embeds is None else embeds.shape[0]):  # else prefill fails, mid-call
+            raise ValueError(f"{cumsum[-1]} image tokens but its images give "
+                             f"{0 if embeds is None else embeds.shape[0]} embeddings")
         self.requests[index] = RequestState(positions.to(self.device), delta, embeds, cumsum, params, seed)
 
     def clear_requests(self) -> None:

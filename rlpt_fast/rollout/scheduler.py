@@ -73,10 +73,20 @@ class Scheduler:
         longest = min(seq.stop.max_model_len, self.config.max_model_len, seq.num_prompt_tokens + seq.stop.max_tokens)
         needed = -(-longest // self.blocks.block_size)
         if needed > len(self.blocks.blocks):
-            raise ValueError(f"sequence {seq.seq_id} may grow to {needed} blocks but the cache has only "
-                             f"{len(self.blocks.blocks)}: raise num_blocks or lower max_model_len")
+            raise ValueError(f"request {seq.request_index}: a sequence of up to {longest} tokens needs "
+                             f"{needed} blocks but the cache has only {len(self.blocks.blocks)}: raise "
+                             "num_blocks or lower max_model_len")
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
+
+    def abort(self) -> None:
+        """Drops every unfinished sequence and frees its blocks (a generate call that raised)."""
+        for seq in (*self.prefilling, *self.running):
+            self.blocks.free(seq)
+            seq.status = SequenceStatus.FINISHED
+        self.waiting.clear()
+        self.prefilling.clear()
+        self.running.clear()
 
     def is_finished(self) -> bool:
         return not (self.waiting or self.prefilling or self.running)
@@ -166,14 +176,11 @@ class Scheduler:
         for seq, chunk, sampled in zip(batch.seqs, batch.chunk_lens, samples):
             seq.num_cached_tokens += chunk
             self.blocks.commit(seq)
-            if not sampled:
+            if not sampled:  # a chunk of a prompt that is not done yet
                 continue
-            if batch.is_prefill:
-                self.prefilling.remove(seq)
-                children = self._fork(seq, len(sampled))
-                self.running.extend(children)
-            else:
-                children = [seq]
+            self.prefilling.remove(seq)
+            children = self._fork(seq, len(sampled))
+            self.running.extend(children)
             for child, (token, logprob) in zip(children, sampled):
                 child.append(token, logprob)
                 if child.check_finished():

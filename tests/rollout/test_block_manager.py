@@ -157,3 +157,19 @@ def test_prefix_cache_always_leaves_a_token_to_compute():
     b = seq_of(range(8))
     bm.allocate(b)
     assert b.num_cached_tokens == 4  # the last block is recomputed so its logits exist
+
+
+def test_reset_prefix_cache_forgets_every_block_and_only_when_none_is_held():
+    bm = BlockManager(8, 4, enable_prefix_caching=True)
+    a = seq_of(range(9))
+    bm.allocate(a)
+    a.num_cached_tokens = 9
+    bm.commit(a)
+    with pytest.raises(RuntimeError, match="while sequences hold 3 blocks"):
+        bm.reset_prefix_cache()
+    bm.free(a)
+    bm.reset_prefix_cache()
+    assert bm.hash_to_block == {} and all(b.hash is None for b in bm.blocks)
+    b = seq_of(range(9))
+    bm.allocate(b)
+    assert b.num_cached_tokens == 0

@@ -85,7 +85,8 @@ def test_bad_arguments_name_the_problem(model, mm):
 
 
 def test_prefix_cache_reuses_prompt_blocks_only_for_the_same_images(model, mm):
-    engine = Engine(model, num_blocks=128, block_size=4, enable_prefix_caching=True)
+    engine = Engine(model, num_blocks=128, block_size=4, enable_prefix_caching=True,
+                    prefix_cache_across_calls=True)
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
     [[a]] = engine.generate([Request(*mm)], params)
     [[b]] = engine.generate([Request(*mm)], params)

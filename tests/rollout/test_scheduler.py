@@ -89,3 +89,17 @@ def test_sequence_too_long_for_cache_is_refused_up_front():
 def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="max_num_seqs"):
         SchedulerConfig(max_num_seqs=0)
+
+
+def test_abort_frees_every_block_of_shared_and_chunked_sequences():
+    sched = make(40, max_num_batched_tokens=6, max_model_len=64)
+    sched.add(Sequence([1] * 9, 9, StopRule(10), request_index=0, num_samples=3))
+    sched.add(Sequence([2] * 14, 14, StopRule(10), request_index=1))
+    sched.add(Sequence([3] * 5, 5, StopRule(10), request_index=2))
+    for _ in range(3):  # request 0 forked and decoding, request 1 part-way through its chunks
+        batch = sched.schedule()
+        sched.postprocess(batch, [[(9, 0.0)] * k for k in batch.num_samples])
+    assert sched.running and sched.prefilling and sched.blocks.num_free_blocks < 40
+    sched.abort()
+    assert sched.is_finished() and sched.blocks.num_free_blocks == 40
+    assert all(b.ref_count == 0 for b in sched.blocks.blocks)
