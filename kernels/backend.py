@@ -25,8 +25,9 @@ def backend_for(tensor: torch.Tensor) -> str:
 
 
 def dispatch(triton_fn: Callable, torch_fn: Callable) -> Callable:
-    """A function with torch_fn's signature that runs triton_fn or torch_fn by backend_for."""
-    @functools.wraps(torch_fn)
+    """A function that runs triton_fn or torch_fn by backend_for. It shows triton_fn's docstring,
+    the one that spells out shapes, dtypes and layouts; both share one signature (a test checks)."""
+    @functools.wraps(triton_fn)
     def run(first: torch.Tensor, *args, **kwargs):
         fn = triton_fn if backend_for(first) == "triton" else torch_fn
         return fn(first, *args, **kwargs)

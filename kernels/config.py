@@ -11,6 +11,7 @@ KL estimators of KL(pi || ref) per token, with d = ref_logp - logp:
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,9 @@ def check_loss_inputs(name: str, token_ids: torch.Tensor, advantages: torch.Tens
     for label, t in (("old_logp", old_logp), ("ref_logp", ref_logp)):
         if t is not None and tuple(t.shape) != (B, T):
             raise ValueError(f"{name}: {label} must have shape {(B, T)}, got {tuple(t.shape)}")
+    check_token_ids(name, token_ids)
+    check_devices(name, ("token_ids", token_ids), ("advantages", advantages), ("mask", mask),
+                  ("old_logp", old_logp), ("ref_logp", ref_logp))
 
 
 def check_logits(name: str, logits: torch.Tensor, token_ids: torch.Tensor) -> None:
@@ -71,15 +75,65 @@ def check_logits(name: str, logits: torch.Tensor, token_ids: torch.Tensor) -> No
                          f"{tuple(token_ids.shape)} disagree on the leading dims")
     if logits.numel() == 0:
         raise ValueError(f"{name}: empty batch (logits has shape {tuple(logits.shape)})")
+    if not logits.dtype.is_floating_point:
+        raise ValueError(f"{name}: logits must be floating point, got {logits.dtype}")
+    check_token_ids(name, token_ids)
+    check_devices(name, ("logits", logits), ("token_ids", token_ids))
+
+
+def check_hidden(name: str, hidden: torch.Tensor, weight: torch.Tensor,
+                 token_ids: torch.Tensor) -> None:
+    """hidden (..., H) float, weight (V, H) of hidden's dtype and device, token_ids (...) int."""
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{name}: weight must be (V, H={hidden.shape[-1]}), "
+                         f"got {tuple(weight.shape)}")
+    if hidden.shape[:-1] != token_ids.shape:
+        raise ValueError(f"{name}: hidden {tuple(hidden.shape)} and token_ids "
+                         f"{tuple(token_ids.shape)} disagree on the leading dims")
+    if hidden.numel() == 0:
+        raise ValueError(f"{name}: empty batch (hidden has shape {tuple(hidden.shape)})")
+    if not hidden.dtype.is_floating_point:
+        raise ValueError(f"{name}: hidden must be floating point, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"{name}: weight has dtype {weight.dtype}, "
+                         f"expected hidden's dtype {hidden.dtype}")
+    check_token_ids(name, token_ids)
+    check_devices(name, ("hidden", hidden), ("weight", weight), ("token_ids", token_ids))
+
+
+def check_token_ids(name: str, token_ids: torch.Tensor) -> None:
+    # The kernels would truncate float ids to int without a word; bool ids are a mask passed by
+    # mistake.
+    dtype = token_ids.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise ValueError(f"{name}: token_ids must hold integers, got {dtype}")
+
+
+def check_temperature(name: str, temperature: float) -> None:
+    if not temperature > 0:  # also NaN
+        raise ValueError(f"{name}: temperature must be > 0, got {temperature}")
+
+
+def check_devices(name: str, first: tuple[str, torch.Tensor],
+                  *others: tuple[str, torch.Tensor | None]) -> None:
+    """Every tensor (None skipped) on the first one's device: a kernel given a pointer to another
+    device's memory fails far from the cause, or reads garbage."""
+    label, device = first[0], first[1].device
+    for other, t in others:
+        if t is not None and t.device != device:
+            raise ValueError(f"{name}: {other} is on {t.device}, {label} on {device}")
 
 
 def check_rewards(rewards: torch.Tensor, group_size: int, scale: str) -> None:
     if scale not in ("group", "batch", "none"):
         raise ValueError(f"group_advantages: scale must be group|batch|none, got {scale!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) \
+            or group_size < 1:
+        raise ValueError(f"group_advantages: group_size must be a positive int, got {group_size!r}")
     if rewards.dim() != 1 or rewards.numel() == 0:
         raise ValueError(f"group_advantages: rewards must be a non-empty 1-D tensor, "
                          f"got shape {tuple(rewards.shape)}")
-    if group_size < 1 or rewards.numel() % group_size:
+    if rewards.numel() % group_size:
         raise ValueError(f"group_advantages: {rewards.numel()} rewards do not split into groups "
                          f"of {group_size}")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import GRPOLossConfig, check_loss_inputs
+from .config import GRPOLossConfig, check_hidden, check_loss_inputs, check_temperature
 from .grpo_loss import flat_row_inputs, grpo_rows, stats_dict, summarize
 from .row_softmax import logprob_grad
 from .token_logprobs import token_logprobs_rows
@@ -28,16 +28,6 @@ def chunk_rows(vocab: int, itemsize: int, chunk_size: int | None) -> int:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         return chunk_size
     return max(1, CHUNK_BYTES // (vocab * itemsize))
-
-
-def _check_hidden(name: str, hidden: torch.Tensor, weight: torch.Tensor, token_ids) -> None:
-    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{name}: weight must be (V, H={hidden.shape[-1]}), got {tuple(weight.shape)}")
-    if hidden.shape[:-1] != token_ids.shape:
-        raise ValueError(f"{name}: hidden {tuple(hidden.shape)} and token_ids "
-                         f"{tuple(token_ids.shape)} disagree on the leading dims")
-    if hidden.numel() == 0:
-        raise ValueError(f"{name}: empty batch (hidden has shape {tuple(hidden.shape)})")
 
 
 class _TokenLogprobsFromHidden(torch.autograd.Function):
@@ -78,11 +68,14 @@ def token_logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor,
                                *, chunk_size: int | None = None) -> torch.Tensor:
     """token_logprobs(hidden @ weight.T, token_ids, temperature) without the full logits.
 
-    hidden (..., H) and weight (V, H) in the same float dtype; token_ids (...) int, < 0 ignored.
-    Returns float32 log-probs, shape of token_ids; gradients flow to hidden and weight.
-    chunk_size: token rows per chunk (default: a 0.5 GiB logits block).
+    hidden (..., H) and weight (V, H): one float dtype and device, any strides (hidden is
+    flattened to (N, H), a copy only if its view cannot be).  token_ids (...) integer dtype, < 0
+    ignored.  temperature: python float > 0.  Returns float32 log-probs, shape of token_ids;
+    gradients flow to hidden and weight.  chunk_size: token rows per chunk, >= 1 (default: a
+    0.5 GiB logits block).
     """
-    _check_hidden("token_logprobs_from_hidden", hidden, weight, token_ids)
+    check_hidden("token_logprobs_from_hidden", hidden, weight, token_ids)
+    check_temperature("token_logprobs_from_hidden", temperature)
     chunk = chunk_rows(weight.shape[0], hidden.element_size(), chunk_size)
     return _TokenLogprobsFromHidden.apply(hidden, weight, token_ids, float(temperature), chunk)
 
@@ -133,12 +126,15 @@ def grpo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, token_ids:
     """grpo_loss(hidden @ weight.T, ...) without the full logits; gradients for hidden and weight.
 
     hidden (B, T, H) last hidden states, hidden[b, t] predicting token_ids[b, t]; weight (V, H),
-    same dtype.  Other arguments as grpo_loss.  The weight gradient accumulates in the weight's
+    same float dtype and device, any strides.  chunk_size: completion tokens per chunk, >= 1
+    (default: a 0.5 GiB logits block).  Other arguments as grpo_loss (token_ids, advantages,
+    mask, old_logp, ref_logp, beta, eps_low, eps_high, temperature, kl, loss_type,
+    max_completion_length, num_items_in_batch).  The weight gradient accumulates in the weight's
     dtype across chunks (as Liger-Kernel does): an fp32 accumulator would cost V*H*4 bytes.
     """
     cfg = GRPOLossConfig(beta, eps_low, eps_high, float(temperature), kl, loss_type,
                          max_completion_length, num_items_in_batch)
-    _check_hidden("grpo_loss_from_hidden", hidden, weight, token_ids)
+    check_hidden("grpo_loss_from_hidden", hidden, weight, token_ids)
     check_loss_inputs("grpo_loss_from_hidden", token_ids, advantages, mask, old_logp, ref_logp)
     rows = flat_row_inputs(token_ids, advantages, mask, old_logp, ref_logp, cfg)
     h = hidden.reshape(-1, hidden.shape[-1])

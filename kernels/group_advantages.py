@@ -113,6 +113,11 @@ def _batch_terms(r: torch.Tensor, adv: torch.Tensor, g: torch.Tensor, G: int) ->
 
 def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "group",
                      eps: float = 1e-4) -> torch.Tensor:
-    """Advantages (N,) float32 from rewards (N,), N a multiple of group_size; groups contiguous."""
+    """Advantages (N,) float32 from rewards (N,), N a multiple of group_size; groups contiguous.
+
+    rewards: 1-D, any real dtype (computed in fp32) and stride, on one device.  group_size: python
+    int >= 1.  scale: "group" (divide by the group's unbiased std + eps), "batch" (by the whole
+    batch's) or "none" (centre only).  eps: python float added to the std.  Differentiable.
+    """
     check_rewards(rewards, group_size, scale)
-    return _GroupAdvantages.apply(rewards, group_size, scale, float(eps))
+    return _GroupAdvantages.apply(rewards, int(group_size), scale, float(eps))

@@ -163,11 +163,19 @@ def grpo_loss(logits: torch.Tensor, token_ids: torch.Tensor, advantages: torch.T
               ) -> tuple[torch.Tensor, dict[str, float]]:
     """The GRPO loss from logits, fused; the same values as TRL's GRPOTrainer.
 
-    logits (B, T, V) fp32/fp16/bf16 with contiguous vocab dim; logits[b, t] predicts
-    token_ids[b, t] (callers shift).  token_ids (B, T) int.  advantages (B,).  mask (B, T), nonzero
-    = completion token.  old_logp / ref_logp (B, T) float or None (None old = on-policy, ratio 1;
-    None ref or beta 0 = no KL).  num_items_in_batch: token count of the accumulated batch for
-    loss_type "dapo".  Returns (scalar float32 loss, {"kl": masked mean KL, "clip_ratio": ...}).
+    logits (B, T, V) fp32/fp16/bf16 with contiguous vocab dim (batch and token strides free:
+    logits[:, :-1] is read in place); logits[b, t] predicts token_ids[b, t] (callers shift).
+    token_ids (B, T) integer dtype, in [0, V) where mask is set (not checked: that would cost a
+    device sync).  advantages (B,) float.  mask (B, T) bool/int/float, nonzero = completion token
+    (masked positions are never read).
+    old_logp / ref_logp (B, T) float or None (None old = on-policy, ratio 1; None ref or beta 0 =
+    no KL).  All on logits' device; the (B, T) and (B,) tensors may have any strides (they are
+    copied into contiguous float32 rows).
+    beta >= 0: KL weight.  eps_low, eps_high >= 0: the ratio is clipped to [1 - eps_low,
+    1 + eps_high].  temperature > 0 divides the logits.  kl: "k1" | "k2" | "k3" (config.py).
+    loss_type: "grpo" | "bnpo" | "dr_grpo" | "dapo" (config.py); max_completion_length >= 1
+    (default T) is dr_grpo's normalizer, num_items_in_batch (default: this batch's mask count)
+    dapo's.  Returns (scalar float32 loss, {"kl": masked mean KL, "clip_ratio": ...}).
     inplace_backward=True writes the logits gradient into the logits' storage.
     """
     cfg = GRPOLossConfig(beta, eps_low, eps_high, float(temperature), kl, loss_type,

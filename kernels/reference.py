@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import torch
 
-from .config import GRPOLossConfig, check_logits, check_loss_inputs, check_rewards
+from .config import (GRPOLossConfig, check_hidden, check_logits, check_loss_inputs, check_rewards,
+                     check_temperature)
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0,
                    *, inplace_backward: bool = False) -> torch.Tensor:
     """log_softmax(logits / temperature)[..., token_ids] in float32 (float64 for float64 logits).
 
-    ids < 0 give 0.
-
-    inplace_backward is accepted for signature parity and ignored here.
+    logits (..., V) float, any strides; token_ids (...) integer dtype, ids < 0 give 0;
+    temperature > 0.  inplace_backward is accepted for signature parity and ignored here.
     """
     del inplace_backward
     check_logits("token_logprobs", logits, token_ids)
+    check_temperature("token_logprobs", temperature)
     logp = (_wide(logits) / temperature).log_softmax(-1)
     ids = token_ids.clamp(min=0).unsqueeze(-1)
     return logp.gather(-1, ids).squeeze(-1).masked_fill(token_ids < 0, 0.0)
@@ -29,8 +30,11 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, temperature: f
 def token_logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor,
                                token_ids: torch.Tensor, temperature: float = 1.0,
                                *, chunk_size: int | None = None) -> torch.Tensor:
-    """token_logprobs(hidden @ weight.T, ...): hidden (..., H), weight (V, H)."""
+    """token_logprobs(hidden @ weight.T, token_ids, temperature): hidden (..., H) and weight
+    (V, H) of one float dtype; chunk_size is accepted for signature parity and ignored."""
     del chunk_size
+    check_hidden("token_logprobs_from_hidden", hidden, weight, token_ids)
+    check_temperature("token_logprobs_from_hidden", temperature)
     return token_logprobs(hidden @ weight.t(), token_ids, temperature)
 
 
@@ -41,7 +45,13 @@ def grpo_loss(logits: torch.Tensor, token_ids: torch.Tensor, advantages: torch.T
               loss_type: str = "grpo", max_completion_length: int | None = None,
               num_items_in_batch: float | None = None, inplace_backward: bool = False,
               ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The GRPO loss of TRL's GRPOTrainer (token-level importance sampling, no delta clip)."""
+    """The GRPO loss of TRL's GRPOTrainer (token-level importance sampling, no delta clip).
+
+    Arguments as rlpt_kernels.grpo_loss.grpo_loss: logits (B, T, V), token_ids (B, T),
+    advantages (B,), mask (B, T), old_logp / ref_logp (B, T) or None, beta, eps_low, eps_high,
+    temperature, kl, loss_type, max_completion_length, num_items_in_batch; inplace_backward is
+    accepted for signature parity and ignored.
+    """
     del inplace_backward
     cfg = GRPOLossConfig(beta, eps_low, eps_high, temperature, kl, loss_type,
                          max_completion_length, num_items_in_batch)
@@ -51,22 +61,37 @@ def grpo_loss(logits: torch.Tensor, token_ids: torch.Tensor, advantages: torch.T
 
 
 def grpo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, token_ids: torch.Tensor,
-                          advantages: torch.Tensor, mask: torch.Tensor, *, chunk_size=None,
-                          **kwargs) -> tuple[torch.Tensor, dict[str, float]]:
-    """grpo_loss(hidden @ weight.T, ...): hidden (B, T, H), weight (V, H)."""
+                          advantages: torch.Tensor, mask: torch.Tensor, *,
+                          old_logp: torch.Tensor | None = None,
+                          ref_logp: torch.Tensor | None = None, beta: float = 0.0,
+                          eps_low: float = 0.2, eps_high: float = 0.2, temperature: float = 1.0,
+                          kl: str = "k3", loss_type: str = "grpo",
+                          max_completion_length: int | None = None,
+                          num_items_in_batch: float | None = None,
+                          chunk_size: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """grpo_loss(hidden @ weight.T, ...): hidden (B, T, H) and weight (V, H) of one float dtype;
+    other arguments (token_ids, advantages, mask, old_logp, ref_logp, beta, eps_low, eps_high,
+    temperature, kl, loss_type, max_completion_length, num_items_in_batch) as grpo_loss;
+    chunk_size is accepted for signature parity and ignored."""
     del chunk_size
-    return grpo_loss(hidden @ weight.t(), token_ids, advantages, mask, **kwargs)
+    check_hidden("grpo_loss_from_hidden", hidden, weight, token_ids)
+    return grpo_loss(hidden @ weight.t(), token_ids, advantages, mask, old_logp=old_logp,
+                     ref_logp=ref_logp, beta=beta, eps_low=eps_low, eps_high=eps_high,
+                     temperature=temperature, kl=kl, loss_type=loss_type,
+                     max_completion_length=max_completion_length,
+                     num_items_in_batch=num_items_in_batch)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "group",
                      eps: float = 1e-4) -> torch.Tensor:
-    """(r - group mean) / (std + eps); std unbiased, of the group or of the whole batch.
+    """(r - group mean) / (std + eps); std unbiased, of the group (scale "group") or of the whole
+    batch ("batch"), or no division ("none").
 
-    rewards (N,) with N a multiple of group_size; float32 out. A group whose rewards are all
-    equal gets exactly zero advantages.
+    rewards (N,) any real dtype, N a multiple of group_size (a python int >= 1); float32 out
+    (float64 for float64 rewards). A group whose rewards are all equal gets exactly zero advantages.
     """
     check_rewards(rewards, group_size, scale)
-    r = _wide(rewards).view(-1, group_size)
+    r = _wide(rewards).reshape(-1, int(group_size))
     centered = r - r.mean(-1, keepdim=True)
     same = r.amax(-1, keepdim=True) == r.amin(-1, keepdim=True)
     if scale == "group":

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import check_logits
+from .config import check_logits, check_temperature
 from .row_softmax import (block_config, bump_version, logprob_grad, row_layout, row_lse, row_offset,
                           target_logit)
 
@@ -69,10 +69,14 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, temperature: f
                    *, inplace_backward: bool = False) -> torch.Tensor:
     """log_softmax(logits / temperature) at token_ids, float32, shape of token_ids.
 
-    logits: (..., V) fp32/fp16/bf16, vocab dim contiguous.  token_ids: (...) int; ids < 0 are
-    ignored (log-prob 0, no gradient).  A row of all -inf logits gives -inf.
+    logits: (..., V) fp32/fp16/bf16 (fp64 is computed in fp32), vocab dim contiguous (other
+    strides free up to 3-D; a 4-D or more view that cannot flatten is copied).  token_ids: (...)
+    integer dtype, any layout, on logits' device; ids < 0 are ignored (log-prob 0, no gradient),
+    ids >= V are not checked (that would cost a device sync) and give garbage.  A row of all -inf
+    logits gives -inf.  temperature: python float > 0; logits are divided by it.
     inplace_backward=True writes the logits gradient into the logits' own storage (saving one
     (N, V) buffer); only use it when nothing else needs those logits after this loss.
     """
     check_logits("token_logprobs", logits, token_ids)
+    check_temperature("token_logprobs", temperature)
     return _TokenLogprobs.apply(logits, token_ids, float(temperature), inplace_backward)

@@ -16,10 +16,22 @@ ARCHITECTURES = {
     "Qwen2VLForConditionalGeneration": "qwen2_vl",
     "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
 }
+REQUIRED_TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                        "num_attention_heads")
 
 
 class ConfigError(ValueError):
     """config.json describes something this package does not implement."""
+
+
+def _require_ints(fields: dict, names: tuple[str, ...], *, minimum: int, prefix: str = "") -> None:
+    """Integer fields must be ints (not bools, floats or strings) >= minimum, checked before any
+    arithmetic on them turns a wrong type into a TypeError far from the field."""
+    for name in names:
+        value = fields[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise ConfigError(f"{prefix}{name} must be {kind}, got {value!r}")
 
 
 @dataclass
@@ -44,6 +56,9 @@ class VisionConfig:
     tokens_per_second: int = 2
 
     def __post_init__(self):
+        _require_ints(vars(self), ("depth", "hidden_size", "num_heads", "intermediate_size",
+                                   "out_hidden_size", "patch_size", "temporal_patch_size",
+                                   "spatial_merge_size", "in_channels"), minimum=1, prefix="vision ")
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
             raise ConfigError(f"vision hidden_size {self.hidden_size} must split into {self.num_heads} "
                               "heads whose size is a multiple of 4 (2-D rotary)")
@@ -96,6 +111,9 @@ class ModelConfig:
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES.values():
             raise ConfigError(f"architecture {self.architecture!r} is not one of {sorted(ARCHITECTURES.values())}")
+        _require_ints(vars(self), REQUIRED_TEXT_FIELDS + ("num_key_value_heads",), minimum=1)
+        _require_ints(vars(self), ("image_token_id", "video_token_id", "vision_start_token_id",
+                                   "vision_end_token_id"), minimum=0)
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by "
                               f"num_attention_heads {self.num_attention_heads}")
@@ -122,23 +140,47 @@ class ModelConfig:
 def load_config(path: str | Path) -> ModelConfig:
     """Parse `path/config.json` (and eos ids from `path/generation_config.json` when present)."""
     path = Path(path)
+    if not path.is_dir():  # a hub id such as Qwen/Qwen2-VL-2B-Instruct, most likely
+        raise FileNotFoundError(f"{path}: not a local directory (a Hugging Face checkpoint directory is "
+                                "needed: nothing is downloaded)")
     file = path / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no config.json in the checkpoint directory")
-    try:
-        raw = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{file}: not valid JSON ({e})") from None
+    raw = read_json_object(file)
     gen_file = path / "generation_config.json"
-    extra_eos = json.loads(gen_file.read_text()).get("eos_token_id") if gen_file.is_file() else None
+    extra_eos = read_json_object(gen_file).get("eos_token_id") if gen_file.is_file() else None
     try:
         return parse_config(raw, extra_eos)
     except ConfigError as e:
         raise ConfigError(f"{file}: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        # a field of a kind the checks do not foresee (a list where a number belongs, ...)
+        raise ConfigError(f"{file}: malformed field ({type(e).__name__}: {e})") from None
+
+
+def read_json_object(file: Path) -> dict:
+    """The JSON object in `file`; ConfigError naming the file if it is not JSON or not an object."""
+    try:
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: must hold a JSON object, got a {type(raw).__name__}")
+    return raw
+
+
+def _section(raw: dict, key: str) -> dict:
+    """raw[key] as a dict ({} when absent or null)."""
+    value = raw.get(key)
+    if value is not None and not isinstance(value, dict):
+        raise ConfigError(f"{key} must be a JSON object, got a {type(value).__name__}")
+    return value or {}
 
 
 def _architecture(raw: dict) -> str:
     names = raw.get("architectures") or []
+    if not isinstance(names, list):
+        raise ConfigError(f"architectures must be a list of class names, got {names!r}")
     for name in names:
         if name in ARCHITECTURES:
             return ARCHITECTURES[name]
@@ -185,8 +227,14 @@ def _vision(arch: str, v: dict, text_hidden: int) -> VisionConfig:
 
 def parse_config(raw: dict, extra_eos=None) -> ModelConfig:
     """ModelConfig from a config.json dict (flat or nested layout)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"must hold a JSON object, got a {type(raw).__name__}")
     arch = _architecture(raw)
-    text = dict(raw.get("text_config") or raw)
+    text = dict(_section(raw, "text_config") or raw)
+    missing = [k for k in REQUIRED_TEXT_FIELDS if k not in text]
+    if missing:
+        raise ConfigError(f"missing fields {missing}")
+    _require_ints(text, REQUIRED_TEXT_FIELDS, minimum=1)  # before hidden_size sizes the vision config
     if text.get("use_sliding_window"):
         raise ConfigError("use_sliding_window=true is not supported")
     if text.get("hidden_act", "silu") != "silu":
@@ -196,10 +244,6 @@ def parse_config(raw: dict, extra_eos=None) -> ModelConfig:
     tie = raw.get("tie_word_embeddings", False) or text.get("tie_word_embeddings", False)
     eos = _as_list(text.get("eos_token_id", raw.get("eos_token_id")))
     eos += [e for e in _as_list(extra_eos) if e not in eos]
-    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
-               if k not in text]
-    if missing:
-        raise ConfigError(f"missing fields {missing}")
     return ModelConfig(
         architecture=arch, vocab_size=text["vocab_size"], hidden_size=text["hidden_size"],
         intermediate_size=text["intermediate_size"], num_hidden_layers=text["num_hidden_layers"],
@@ -209,7 +253,7 @@ def parse_config(raw: dict, extra_eos=None) -> ModelConfig:
         video_token_id=raw.get("video_token_id", 151656),
         vision_start_token_id=raw.get("vision_start_token_id", 151652),
         vision_end_token_id=raw.get("vision_end_token_id", 151653), eos_token_ids=eos,
-        vision=_vision(arch, raw.get("vision_config") or {}, text["hidden_size"]),
+        vision=_vision(arch, _section(raw, "vision_config"), text["hidden_size"]),
         bos_token_id=text.get("bos_token_id", raw.get("bos_token_id")),
         pad_token_id=text.get("pad_token_id", raw.get("pad_token_id")),
     )

@@ -26,6 +26,10 @@ class CheckpointError(ValueError):
     """The weights on disk do not match the model config.json describes."""
 
 
+# Weights in torch.save's pickle format, as older transformers wrote them: named, never opened.
+PICKLE_PATTERNS = ("pytorch_model*.bin", "pytorch_model*.bin.index.json", "*.pt", "*.pth")
+
+
 def canonical_key(key: str) -> str:
     """Map a released-layout key to the transformers-5 layout (= our module tree)."""
     for old, new in (("model.layers.", "model.language_model.layers."),
@@ -41,19 +45,34 @@ def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint directory (a single file or an index's shards)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
-        files = [path / name for name in dict.fromkeys(weight_map.values())]
-        for f in files:
-            if not f.is_file():
-                raise CheckpointError(f"{index} lists shard {f.name}, which is missing from {path}")
-        return files
+        return _index_shards(index)
     single = path / "model.safetensors"
     if single.is_file():
         return [single]
+    pickles = sorted(p.name for pattern in PICKLE_PATTERNS for p in path.glob(pattern))
+    if pickles:
+        raise CheckpointError(f"{path}: only pickle weights ({_few(pickles)}); pickle checkpoints "
+                              "are refused (unpickling can run code): convert them to safetensors")
     raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+
+
+def _index_shards(index: Path) -> list[Path]:
+    """The shard files model.safetensors.index.json lists, each checked to exist beside it."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+    if not (isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())):
+        raise CheckpointError(f"{index}: weight_map must be an object mapping tensor names to "
+                              "shard file names")
+    names = list(dict.fromkeys(weight_map.values()))
+    for name in names:
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise CheckpointError(f"{index} lists shard {name!r}: shards must be plain file names "
+                                  f"inside {index.parent}")
+        if not (index.parent / name).is_file():
+            raise CheckpointError(f"{index} lists shard {name}, which is missing from {index.parent}")
+    return [index.parent / name for name in names]
 
 
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -61,9 +80,11 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: 
     """QwenVLModel from a checkpoint directory, weights in `dtype` on `device`, in eval mode.
 
     Raises ConfigError (bad or unsupported config.json), FileNotFoundError (no weights) or
-    CheckpointError naming the tensor or file (missing / unexpected tensor, wrong shape, corrupt
-    or unreadable safetensors file).
+    CheckpointError naming the tensor or file (missing / unexpected / twice-stored tensor, wrong
+    shape or non-float dtype, corrupt or unreadable safetensors file, pickle weights only).
     """
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"load_model: dtype must be a floating-point torch.dtype, got {dtype!r}")
     path = Path(path)
     config = load_config(path)
     with torch.device("meta"):
@@ -72,18 +93,21 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: 
     model.to_empty(device=device)
     model.tie_weights()  # to_empty gives the tied head its own storage; share it again
     targets = dict(model.named_parameters(remove_duplicate=False))
-    filled = set()
+    filled: dict[str, str] = {}  # our name -> "file: key" it was read from
     for file in weight_files(path):
-        filled |= _load_file(file, targets, config.tie_word_embeddings, device)
+        _load_file(file, targets, config.tie_word_embeddings, device, filled)
     skip = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    missing = sorted(set(targets) - filled - skip)
+    missing = sorted(set(targets) - set(filled) - skip)
     if missing:
-        raise CheckpointError(f"{path}: tensors missing from the checkpoint: {_few(missing)}")
+        hint = ("; tie_word_embeddings is false in config.json, so the head is not the embedding"
+                if "lm_head.weight" in missing else "")
+        raise CheckpointError(f"{path}: tensors missing from the checkpoint: {_few(missing)}{hint}")
     return model.eval()
 
 
-def _load_file(file: Path, targets: dict[str, torch.nn.Parameter], tied: bool, device) -> set[str]:
-    filled = set()
+def _load_file(file: Path, targets: dict[str, torch.nn.Parameter], tied: bool, device,
+               filled: dict[str, str]) -> None:
+    """Copies file's tensors into targets, recording each in `filled`."""
     try:
         with safe_open(str(file), framework="pt", device=str(device)) as f:
             for key in f.keys():
@@ -92,17 +116,27 @@ def _load_file(file: Path, targets: dict[str, torch.nn.Parameter], tied: bool, d
                     continue  # some tied checkpoints also store the head; the embedding is the truth
                 if name not in targets:
                     raise CheckpointError(f"{file}: unexpected tensor {key!r} (not in the model)")
-                param = targets[name]
-                shape = tuple(f.get_slice(key).get_shape())
-                if shape != tuple(param.shape):
-                    raise CheckpointError(f"{file}: tensor {key!r} has shape {shape}, "
-                                          f"the model expects {tuple(param.shape)}")
+                if name in filled:  # e.g. model.norm.weight beside model.language_model.norm.weight
+                    raise CheckpointError(f"{file}: tensor {key!r} is stored twice "
+                                          f"(also as {filled[name]})")
+                _check_tensor(file, key, f.get_slice(key), targets[name])
                 with torch.no_grad():
-                    param.copy_(f.get_tensor(key))
-                filled.add(name)
+                    targets[name].copy_(f.get_tensor(key))
+                filled[name] = f"{file.name}: {key!r}"
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
-    return filled
+
+
+def _check_tensor(file: Path, key: str, stored, param: torch.nn.Parameter) -> None:
+    """Shape and dtype from the file's header, before any data is read."""
+    shape = tuple(stored.get_shape())
+    if shape != tuple(param.shape):
+        raise CheckpointError(f"{file}: tensor {key!r} has shape {shape}, "
+                              f"the model expects {tuple(param.shape)}")
+    dtype = stored.get_dtype()  # safetensors' names: F32, BF16, F8_E4M3, I64, U8, BOOL, ...
+    if not dtype.startswith(("F", "BF")):  # copy_ would silently cast integers into weights
+        raise CheckpointError(f"{file}: tensor {key!r} has dtype {dtype}, "
+                              "the model expects floating point")
 
 
 def _few(names: list[str], n: int = 8) -> str:

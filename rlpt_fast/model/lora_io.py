@@ -11,11 +11,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .loader import canonical_key  # released (transformers-4) key layout -> ours
+from .config import ConfigError, read_json_object
+from .loader import CheckpointError, canonical_key  # canonical_key: released key layout -> ours
 from .lora import PEFT_PREFIX, LoRAConfig, LoRALinear, apply_lora, lora_layers, set_submodule
 
 
@@ -68,17 +69,16 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_path: str | P
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     """Loads a peft LoRA adapter directory into `model` (applying LoRA first if it has none)."""
     d = Path(adapter_dir)
-    raw = json.loads((d / "adapter_config.json").read_text())
-    for flag in ("use_dora", "use_rslora", "fan_in_fan_out"):
-        if raw.get(flag):
-            raise ValueError(f"{d / 'adapter_config.json'}: {flag}=true is not supported")
-    if raw.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{d / 'adapter_config.json'}: peft_type {raw.get('peft_type')!r}, expected 'LORA'")
+    raw = _adapter_config(d / "adapter_config.json")
     if not any(True for _ in lora_layers(model)):
+        missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in raw]
+        if missing:
+            raise ConfigError(f"{d / 'adapter_config.json'}: missing fields {missing} (needed to add LoRA "
+                              "to a model that has none)")
         targets = raw["target_modules"]
         apply_lora(model, LoRAConfig(raw["r"], float(raw["lora_alpha"]), float(raw.get("lora_dropout", 0.0)),
                                      targets if isinstance(targets, str) else tuple(targets)))
-    tensors = load_file(str(d / "adapter_model.safetensors"))
+    tensors = _adapter_tensors(d)
     layers = dict(lora_layers(model))
     loaded = set()
     for key, value in tensors.items():
@@ -97,6 +97,31 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     if missing:
         raise ValueError(f"{d}: adapter lacks {len(missing)} tensors, e.g. {missing[:3]}")
     return model
+
+
+def _adapter_config(file: Path) -> dict:
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no adapter_config.json in the adapter directory")
+    raw = read_json_object(file)
+    for flag in ("use_dora", "use_rslora", "fan_in_fan_out"):
+        if raw.get(flag):
+            raise ValueError(f"{file}: {flag}=true is not supported")
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{file}: peft_type {raw.get('peft_type')!r}, expected 'LORA'")
+    return raw
+
+
+def _adapter_tensors(d: Path) -> dict[str, torch.Tensor]:
+    file = d / "adapter_model.safetensors"
+    if not file.is_file():
+        if (d / "adapter_model.bin").is_file():
+            raise CheckpointError(f"{d / 'adapter_model.bin'}: pickle adapters are refused (unpickling can "
+                                  "run code): save the adapter as safetensors")
+        raise FileNotFoundError(f"{d}: no adapter_model.safetensors")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
 
 
 # ---------------------------------------------------------------- merging

@@ -80,12 +80,10 @@ class QwenVLModel(ModelCosts, nn.Module):
         With a frozen tower (the default) this runs under no_grad and each distinct image (by a
         hash of its pixels and grid) is encoded once until clear_image_cache().
         """
+        sizes = self._check_images(pixel_values, image_grid_thw)
         visual = self.model.visual
         if any(p.requires_grad for p in visual.parameters()):
             return visual(pixel_values.to(self.device), image_grid_thw)
-        sizes = image_grid_thw.prod(-1).tolist()
-        if sum(sizes) != pixel_values.shape[0]:
-            raise ValueError(f"pixel_values has {pixel_values.shape[0]} rows, image_grid_thw needs {sum(sizes)}")
         parts = pixel_values.split(sizes)
         keys = [_image_key(p, g) + (str(self.dtype),) for p, g in zip(parts, image_grid_thw.tolist())]
         new = [k for k in dict.fromkeys(keys) if k not in self._image_cache]
@@ -101,6 +99,21 @@ class QwenVLModel(ModelCosts, nn.Module):
         while len(self._image_cache) > self.image_cache_size:
             self._image_cache.popitem(last=False)
         return result
+
+    def _check_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None) -> list[int]:
+        """Patches per image; a ValueError here rather than a shape error deep in the tower."""
+        if image_grid_thw is None:
+            raise ValueError("pixel_values without image_grid_thw (one (t, h, w) row per image)")
+        if image_grid_thw.dim() != 2 or image_grid_thw.shape[1] != 3:
+            raise ValueError(f"image_grid_thw must be (I, 3), got shape {tuple(image_grid_thw.shape)}")
+        patch_dim = self.config.vision.patch_dim
+        if pixel_values.dim() != 2 or pixel_values.shape[1] != patch_dim:
+            raise ValueError(f"pixel_values must be (P, {patch_dim}) (C * temporal_patch * patch^2), "
+                             f"got shape {tuple(pixel_values.shape)}")
+        sizes = image_grid_thw.prod(-1).tolist()
+        if sum(sizes) != pixel_values.shape[0]:
+            raise ValueError(f"pixel_values has {pixel_values.shape[0]} rows, image_grid_thw needs {sum(sizes)}")
+        return sizes
 
     def clear_image_cache(self) -> None:
         self._image_cache.clear()

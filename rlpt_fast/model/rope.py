@@ -31,6 +31,9 @@ def rope_positions(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
     grids = [] if image_grid_thw is None else [tuple(int(x) for x in g) for g in image_grid_thw.tolist()]
     pieces, cursor, pos, used = [], 0, 0, 0
     for i, (t, h, w) in enumerate(grids):
+        if min(t, h, w) < 1 or h % spatial_merge_size or w % spatial_merge_size:
+            raise ValueError(f"image {i} has grid {t}x{h}x{w}: t, h, w must be >= 1 and h, w multiples "
+                             f"of spatial_merge_size {spatial_merge_size}")
         gt, gh, gw = t, h // spatial_merge_size, w // spatial_merge_size
         n = gt * gh * gw
         if used >= len(image_at):

@@ -146,3 +146,92 @@ def test_built_on_meta_then_materialised_once(base, monkeypatch):
     monkeypatch.setattr(loader, "QwenVLModel", Recording)
     model = rlpt_fast.load_model(base)  # the lazy top-level name is this loader
     assert built_on == [{"meta"}] and {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+@pytest.mark.parametrize("files", [["pytorch_model.bin"],
+                                   ["pytorch_model.bin.index.json", "pytorch_model-00001-of-00001.bin"]])
+def test_pickle_checkpoints_are_refused(base, tmp_path, files):
+    path = _copy(base, tmp_path)
+    (path / "model.safetensors").unlink()
+    for name in files:
+        (path / name).write_bytes(b"\x80\x02}q\x00.")  # a pickle: must never be unpickled
+    with pytest.raises(CheckpointError, match=rf"{files[0]}.*pickle.*safetensors"):
+        load_model(path)
+
+
+def _write_config(path, text):
+    (path / "config.json").write_text(text)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: "[1, 2]", r"JSON object.*list"),
+    (lambda c: "{not json", "not valid JSON"),
+    (lambda c: json.dumps({k: v for k, v in c.items() if k != "num_attention_heads"}), "num_attention_heads"),
+    (lambda c: json.dumps(dict(c, hidden_size="64")), r"hidden_size.*'64'"),
+    (lambda c: json.dumps(dict(c, vision_config=dict(c["vision_config"], depth=None))), r"depth.*None"),
+    (lambda c: json.dumps(dict(c, image_token_id=1.5)), "image_token_id"),
+    (lambda c: json.dumps(dict(c, vision_config=[])), "vision_config"),
+    (lambda c: json.dumps(dict(c, architectures=c["architectures"][0])), "architectures must be a list"),
+])
+def test_malformed_config_names_the_field(base, tmp_path, edit, message):
+    path = _copy(base, tmp_path)
+    _write_config(path, edit(json.loads((path / "config.json").read_text())))
+    with pytest.raises(ConfigError, match=rf"config\.json: .*{message}"):
+        load_model(path)
+
+
+def test_generation_config_that_is_not_json(base, tmp_path):
+    path = _copy(base, tmp_path)
+    (path / "generation_config.json").write_text("{oops")
+    with pytest.raises(ConfigError, match=r"generation_config\.json: not valid JSON"):
+        load_model(path)
+
+
+def test_index_whose_weight_map_is_not_a_mapping(base, tmp_path):
+    path = _copy(base, tmp_path)
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["model.safetensors"]}))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json.*weight_map"):
+        load_model(path)
+
+
+def test_tensor_stored_twice_under_both_layouts(base, tmp_path):
+    path = _copy(base, tmp_path)
+    _rewrite_weights(path, lambda s: s.update({"model.norm.weight": torch.zeros(64)}))
+    with pytest.raises(CheckpointError, match=r"model\.norm\.weight.*twice"):
+        load_model(path)
+
+
+def test_integer_tensor_for_a_float_weight(base, tmp_path):
+    path = _copy(base, tmp_path)
+    int_norm = torch.ones(64, dtype=torch.int64)
+    _rewrite_weights(path, lambda s: s.update({"model.language_model.norm.weight": int_norm}))
+    with pytest.raises(CheckpointError, match=r"'model\.language_model\.norm\.weight' has dtype I64.*float"):
+        load_model(path)
+
+
+def test_a_hub_id_is_not_downloaded(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"Qwen2-VL-2B-Instruct: not a local directory.*downloaded"):
+        load_model("Qwen/Qwen2-VL-2B-Instruct")
+
+
+def test_index_shard_names_stay_inside_the_directory(base, tmp_path):
+    path = _copy(base, tmp_path)
+    keys = list(load_file(path / "model.safetensors"))
+    weight_map = {k: "../copy/model.safetensors" for k in keys}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=r"shard '\.\./copy/model\.safetensors'.*plain file name"):
+        load_model(path)
+
+
+def test_missing_untied_head_says_the_config_unties_it(base, tmp_path):
+    path = _copy(base, tmp_path)
+    _rewrite_weights(path, lambda s: s.pop("lm_head.weight"))
+    with pytest.raises(CheckpointError, match=r"lm_head\.weight.*tie_word_embeddings is false"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", torch.int8])
+def test_dtype_must_be_a_floating_torch_dtype(base, dtype):
+    with pytest.raises(ValueError, match=r"dtype must be a floating-point torch\.dtype"):
+        load_model(base, dtype=dtype)

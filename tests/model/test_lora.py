@@ -294,3 +294,25 @@ def test_merged_checkpoint_loads_in_transformers_with_the_same_logits(adapted, c
         torch.testing.assert_close(_ours(out).logits(*x), logits, rtol=0, atol=1e-4)
     if model.config.tie_word_embeddings:  # the head's adapter unties it: the embeddings keep no adapter
         assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "adapter_config.json").write_text("{oops"), r"adapter_config\.json: not valid JSON"),
+    (lambda d: (d / "adapter_config.json").write_text("[]"), r"adapter_config\.json: must hold a JSON object"),
+    (lambda d: (d / "adapter_config.json").write_text('{"peft_type": "LORA"}'), r"adapter_config\.json: .*'r'"),
+    (lambda d: (d / "adapter_model.safetensors").write_bytes(b"\x07" * 64),
+     r"adapter_model\.safetensors: unreadable"),
+    (lambda d: (d / "adapter_model.safetensors").rename(d / "adapter_model.bin"), r"adapter_model\.bin.*pickle"),
+    (lambda d: (d / "adapter_model.safetensors").unlink(), r"no adapter_model\.safetensors"),
+])
+def test_load_adapter_damaged_directory_names_the_file(tmp_path, damage, message):
+    """ValueError naming the file (FileNotFoundError when the weights are absent, as load_model)."""
+    from rlpt_fast.model.lora_io import load_adapter, save_adapter
+
+    model = Toy()
+    apply_lora(model, LoRAConfig(r=2))
+    save_adapter(model, tmp_path)
+    damage(tmp_path)
+    absent = not any(tmp_path.glob("adapter_model.*"))
+    with pytest.raises(FileNotFoundError if absent else ValueError, match=message):
+        load_adapter(Toy(), tmp_path)

@@ -108,3 +108,16 @@ def test_unfrozen_tower_is_differentiable_and_uncached(tiny_ckpt):
     out = model.encode_images(px, grid)
     out.sum().backward()
     assert model.model.visual.merger.mlp[2].weight.grad is not None and not model._image_cache
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda px, grid: (px, None), "pixel_values without image_grid_thw"),
+    (lambda px, grid: (px, grid[0]), r"image_grid_thw must be \(I, 3\)"),
+    (lambda px, grid: (px[:, :-1], grid), r"pixel_values must be \(P, 1176\)"),
+    (lambda px, grid: (px[:-4], grid), "pixel_values has 20 rows, image_grid_thw needs 24"),
+])
+def test_encode_images_names_what_does_not_fit(model, change, message):
+    """Checked at the entry (the tower would fail in a matmul or reshape, or the cache mis-split)."""
+    px, grid = change(*_pixels(model, [[1, 4, 6]], seed=3))
+    with pytest.raises(ValueError, match=message):
+        model.encode_images(px, grid)

@@ -89,3 +89,12 @@ def test_mrope_sections_pick_axes():
     axis = torch.tensor([1, 1, 2, 2, 2, 3, 3, 3])
     expected = torch.cos(axis * inv).double()
     torch.testing.assert_close(cos[0], torch.cat([expected, expected]))
+
+
+@pytest.mark.parametrize("grid", [[1, 4, 5], [1, 3, 4], [0, 4, 4], [1, 0, 4]])
+def test_image_grid_that_does_not_tile_merge_blocks_is_an_error(grid):
+    """h and w count patches, merged merge x merge: a grid that does not tile would floor its token
+    count here and fail later in the vision tower's reshape."""
+    ids = torch.tensor([5, 3] + [IMG] * 4 + [4])
+    with pytest.raises(ValueError, match=rf"image 0 .*grid {grid[0]}x{grid[1]}x{grid[2]}.*{MERGE}"):
+        _ours(ids, torch.tensor([grid]))
