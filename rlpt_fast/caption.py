@@ -15,22 +15,46 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 
-from rlpt_fast.data import ConceptDatabase, Query, load_database, load_queries
+from rlpt_fast.data import ConceptDatabase, Query, load_database, load_queries, read_json
 from rlpt_fast.prompts import INFERENCE_MAX_PIXELS, PromptBuilder, question_for
 
 
 def query_names(path: str | Path) -> list[str]:
     """The query image strings as the file writes them, one per Query of load_queries (subsets expanded)."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    data = read_json(path, "query set")
     out = []
     for img, keys in data.items():
         out += [img] * (len(keys) if keys and all(isinstance(k, list) for k in keys) else 1)
     return out
+
+
+def check_queries(database: ConceptDatabase, queries: list[Query], names: list[str], queries_file: str) -> None:
+    """Every query's image exists and its concepts are in the database; else a ValueError listing
+    the first few bad queries (raised before the model loads, not at query 900)."""
+    errors = []
+    for q, name in zip(queries, names):
+        unknown = [k for k in q.concepts if k not in database.concepts]
+        if unknown:
+            errors.append(f"query {name!r}: concept(s) {unknown} not in {database.path}")
+        if not q.image.is_file():
+            errors.append(f"query {name!r}: image not found: {q.image} (use --image-root)")
+    if errors:
+        more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
+        raise ValueError(f"{queries_file}: {len(errors)} bad query(ies):\n  " + "\n  ".join(errors[:10]) + more)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a temporary file beside `path`, then rename: a crash never leaves a torn file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def caption_queries(model, builder: PromptBuilder, database: ConceptDatabase, queries: list[Query], *,
@@ -76,6 +100,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Exit status 1 with a reason naming the file (and query, concept or image) on bad input."""
+    try:
+        rows = _caption(args)
+    except (ValueError, OSError) as e:  # bad database, queries, model, adapter or image
+        print(f"rlpt caption: {e}", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    write_atomic(out, json.dumps(rows, indent=1, ensure_ascii=False))
+    print(json.dumps({"out": str(out), "captions": len(rows)}))
+    return 0
+
+
+def _caption(args: argparse.Namespace) -> list[list]:
+    from safetensors import SafetensorError
+
     from rlpt_fast.model import load_model
     from rlpt_fast.model.lora_io import load_adapter
     from rlpt_fast.train.runtime import resolve_device, resolve_dtype
@@ -85,21 +124,15 @@ def run(args: argparse.Namespace) -> int:
     names = query_names(args.queries)
     if args.limit:
         queries, names = queries[:args.limit], names[:args.limit]
-    missing = [str(q.image) for q in queries if not q.image.is_file()]
-    if missing:
-        print(f"rlpt caption: {len(missing)} query image(s) not found, e.g. {missing[0]} "
-              f"(use --image-root)", file=sys.stderr)
-        return 1
+    check_queries(database, queries, names, args.queries)
     device = resolve_device(args.device)
     model = load_model(args.model, dtype=resolve_dtype(args.dtype, device), device=device).eval()
     if args.adapter:
-        load_adapter(model, args.adapter)
+        try:
+            load_adapter(model, args.adapter)
+        except (KeyError, ValueError, OSError, SafetensorError) as e:  # KeyError, SafetensorError: no file named
+            raise ValueError(f"--adapter {args.adapter}: cannot load it: {type(e).__name__}: {e}") from e
     builder = PromptBuilder(args.model, inference_max_pixels=args.max_pixels)
     with torch.no_grad():
-        rows = caption_queries(model, builder, database, queries, names=names, max_new_tokens=args.max_new_tokens,
+        return caption_queries(model, builder, database, queries, names=names, max_new_tokens=args.max_new_tokens,
                                multi_questions=args.questions == "multi")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1, ensure_ascii=False))
-    print(json.dumps({"out": str(out), "captions": len(rows)}))
-    return 0

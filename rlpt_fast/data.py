@@ -27,6 +27,9 @@ from PIL import Image, ImageOps
 from rlpt_fast.rewards import solution_problem
 
 REQUIRED_FIELDS = ("image", "problem", "solution", "accu_reward_method")
+MAX_LISTED = 20  # bad rows spelled out in a DataError's message
+PAD_TOKENS = ("<|image_pad|>", "<|video_pad|>")
+MAX_ASPECT = 200  # image_processing.smart_resize refuses longer sides (Qwen-VL's processor does too)
 
 
 @dataclass(frozen=True)
@@ -59,9 +62,11 @@ class DataError(ValueError):
 
     def __init__(self, errors: list[RowError]):
         self.errors = errors
-        lines = "\n  ".join(str(e) for e in errors)
+        # A wrong image root makes every row bad: the first few say why, `errors` holds them all.
+        lines = "\n  ".join(str(e) for e in errors[:MAX_LISTED])
+        more = f"\n  ... and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else ""
         super().__init__(f"{len(errors)} invalid training row(s); nothing was trained "
-                         f"(pass skip_invalid=True to drop them):\n  {lines}")
+                         f"(pass skip_invalid=True to drop them):\n  {lines}{more}")
 
 
 @dataclass
@@ -92,10 +97,33 @@ def resolve_path(name: str, base: Path, root: Path | None = None) -> Path:
     return anchor.joinpath(*parts) if parts else anchor
 
 
+def read_text(path: str | Path, what: str) -> str:
+    """The UTF-8 text of `path` (a leading byte-order mark dropped); a ValueError naming the file
+    and `what` it should hold if it is missing, unreadable or not UTF-8 (never a bare OSError or
+    UnicodeDecodeError)."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ValueError(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the {what}: {e}") from None
+
+
+def read_json(path: str | Path, what: str) -> object:
+    """`read_text`, parsed as JSON; a ValueError naming the file, line and column if it is not JSON."""
+    try:
+        return json.loads(read_text(path, what))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: the {what} is not valid JSON: {e}") from None
+
+
 def _read_records(path: Path) -> list[tuple[str, object]]:
     """(where, record) pairs; an unparsable JSONL line becomes (where, _BadJson(msg))."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
+    try:
+        text = read_text(path, "training rows file")
+    except ValueError as e:
+        raise DataError([RowError(str(path), "file", str(e).removeprefix(f"{path}: "))]) from None
+    if path.suffix.lower() == ".jsonl":
         out = []
         for n, line in enumerate(text.splitlines(), start=1):
             if line.strip():
@@ -132,9 +160,11 @@ def image_problem(path: Path) -> str | None:
 def _header_problem(path: Path, size: int, mtime_ns: int) -> str | None:
     try:
         with Image.open(path) as im:
-            im.size  # noqa: B018  (header parse; pixels stay on disk)
+            w, h = im.size  # header parse; pixels stay on disk
     except Exception as e:  # PIL raises many types for bad files
         return f"unreadable image {path}: {type(e).__name__}: {e}"
+    if min(w, h) < 1 or max(w, h) / min(w, h) > MAX_ASPECT:
+        return f"image {path} is {w}x{h}: Qwen-VL needs both sides >= 1 and an aspect ratio up to {MAX_ASPECT}"
     return None
 
 
@@ -154,6 +184,8 @@ def validate_record(rec: object, base: Path, check_images: bool = True,
         reasons.append(f"'image' must be a path or a non-empty list of paths, got {image!r}")
     if not isinstance(problem, str):
         reasons.append(f"'problem' must be a string, got {type(problem).__name__}")
+    elif reserved := [t for t in PAD_TOKENS if t in problem]:  # would render as an extra image slot
+        reasons.append(f"'problem' must not contain {reserved[0]} (Qwen-VL's image/video slot token)")
     if not isinstance(method, str):
         reasons.append(f"'accu_reward_method' must be a string, got {method!r}")
     else:
@@ -232,13 +264,16 @@ class ConceptDatabase:
 def load_database(path: str | Path, *, check_images: bool = True) -> ConceptDatabase:
     """Read a RAP/RePIC database_mod.json; images resolved relative to the file."""
     path = Path(path)
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = read_json(path, "concept database")
     cdict = data.get("concept_dict") if isinstance(data, dict) else None
     if not isinstance(cdict, dict):
         raise ValueError(f"{path}: expected an object with a 'concept_dict' object")
     concepts, errors = {}, []
     for key, e in cdict.items():
-        bad = [k for k in ("name", "image", "info") if not isinstance((e or {}).get(k), str)]
+        if not isinstance(e, dict):
+            errors.append(f"{path}: concept {key!r}: expected an object with name, image and info, got {e!r}")
+            continue
+        bad = [k for k in ("name", "image", "info") if not isinstance(e.get(k), str)]
         if bad:
             errors.append(f"{path}: concept {key!r}: missing or non-string field(s) {bad}")
             continue
@@ -262,7 +297,7 @@ def load_queries(path: str | Path, *, image_root: str | Path | None = None) -> l
     """Read a *_query_templates.json: image -> [keys], or image -> [[keys], ...] (4-concept),
     which expands to one Query per subset, in file order. Images are not opened here."""
     path = Path(path)
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = read_json(path, "query set")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected an object mapping query image -> concept keys")
     root = Path(image_root) if image_root is not None else None

@@ -64,20 +64,23 @@ class VisionConfig:
     def from_pretrained(cls, path: str | Path, **overrides) -> "VisionConfig":
         """Read preprocessor_config.json of a checkpoint directory (absent file: defaults)."""
         f = Path(path) / "preprocessor_config.json"
-        cfg = json.loads(f.read_text()) if f.is_file() else {}
-        size = cfg.get("size") or {}
-        kw = {
-            "min_pixels": cfg.get("min_pixels", size.get("shortest_edge", cls.min_pixels)),
-            "max_pixels": cfg.get("max_pixels", size.get("longest_edge", cls.max_pixels)),
-        }
-        for k in ("patch_size", "temporal_patch_size", "merge_size"):
-            if k in cfg:
-                kw[k] = int(cfg[k])
-        for k in ("image_mean", "image_std"):
-            if k in cfg:
-                kw[k] = tuple(float(v) for v in cfg[k])
-        kw.update(overrides)
-        return cls(**kw)
+        try:
+            cfg = json.loads(f.read_text()) if f.is_file() else {}
+            size = cfg.get("size") or {}
+            kw = {
+                "min_pixels": cfg.get("min_pixels", size.get("shortest_edge", cls.min_pixels)),
+                "max_pixels": cfg.get("max_pixels", size.get("longest_edge", cls.max_pixels)),
+            }
+            for k in ("patch_size", "temporal_patch_size", "merge_size"):
+                if k in cfg:
+                    kw[k] = int(cfg[k])
+            for k in ("image_mean", "image_std"):
+                if k in cfg:
+                    kw[k] = tuple(float(v) for v in cfg[k])
+            kw.update(overrides)
+            return cls(**kw)
+        except (OSError, ValueError, TypeError, AttributeError) as e:  # torn JSON, a field of the wrong type
+            raise ValueError(f"{f}: {type(e).__name__}: {e}") from None
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from rlpt_fast.data import read_json
 
 PROTOCOLS = ("single", "2-concept", "4-concept")
 PUNCT_STRIP = '.,!?;:()[]{}"\'-'
@@ -63,7 +66,7 @@ class FileScore:
 def load_captions(path: str | Path) -> list[CaptionRecord]:
     """Read a RePIC caption file; errors name the file and the row."""
     path = Path(path)
-    rows = json.loads(path.read_text(encoding="utf-8"))
+    rows = read_json(path, "caption file")
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a JSON list of [image, [concepts], caption, ...] rows")
     records = []
@@ -169,9 +172,12 @@ def score_file(path: str | Path, protocol: str, *, strict: bool = False,
 
 def load_concept_names(database_path: str | Path) -> dict:
     """The `concept_dict` of a database_mod.json (key -> {"name", "info", ...})."""
-    data = json.loads(Path(database_path).read_text(encoding="utf-8"))
+    data = read_json(database_path, "concept database")
     if not isinstance(data, dict) or not isinstance(data.get("concept_dict"), dict):
         raise ValueError(f"{database_path}: expected a database with a 'concept_dict' object")
+    bad = [k for k, e in data["concept_dict"].items() if not isinstance(e, dict)]
+    if bad:
+        raise ValueError(f"{database_path}: concept(s) {bad[:5]} are not objects with a 'name' field")
     return data["concept_dict"]
 
 
@@ -187,11 +193,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Scores every file it can read; a bad file is reported on stderr (naming it and why) and
+    the others are still scored. Exit status 1 if any file (or --database) was bad."""
     if args.database and not args.strict:
         raise SystemExit("--database is only used with --strict")
-    database = load_concept_names(args.database) if args.database else None
+    try:
+        database = load_concept_names(args.database) if args.database else None
+    except ValueError as e:
+        print(f"rlpt score-captions: {e}", file=sys.stderr)
+        return 1
+    failed = 0
     for f in args.files:
-        records = load_captions(f)
+        try:
+            records = load_captions(f)
+        except ValueError as e:
+            print(f"rlpt score-captions: {e}", file=sys.stderr)
+            failed += 1
+            continue
         repic = score_records(records, args.protocol, file=f)
         strict = score_records(records, args.protocol, strict=True, database=database,
                                file=f) if args.strict else None
@@ -204,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
             print(repic.line())
             if strict is not None:
                 print(strict.line().replace("metric (P/R/F1)", "strict (P/R/F1)"))
-    return 0
+    return 1 if failed else 0
 
 
 def _json_obj(s: FileScore) -> dict:

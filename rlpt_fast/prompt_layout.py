@@ -20,7 +20,7 @@ import random
 import re
 
 from rlpt_fast.data import Concept, DataError, Row, RowError
-from rlpt_fast.prompts import Prompt, PromptBuilder, question_for
+from rlpt_fast.prompts import ImageError, Prompt, PromptBuilder, question_for
 
 PROMPT_LAYOUTS = ("training", "inference")
 CAPTION_TASKS = ("yes_no_name", "yes_no_name_multi")
@@ -68,16 +68,20 @@ def row_question(rng: random.Random, n_concepts: int) -> str:
 
 def row_prompt(builder: PromptBuilder, row: Row, rng: random.Random, layout: str = "training") -> Prompt:
     """The row's prompt in `layout` ("training" | "inference", module docstring); rng is the row's
-    seeded generator (`prompts.row_rng`)."""
-    if layout == "training":
-        return builder.training_prompt(row, rng)
-    if layout != "inference":
+    seeded generator (`prompts.row_rng`). An image that fails to decode raises ImageError naming
+    the row and the image."""
+    if layout not in PROMPT_LAYOUTS:
         raise ValueError(f"prompt layout must be one of {PROMPT_LAYOUTS}, got {layout!r}")
     try:
-        concepts = reference_concepts(row)
-    except RowLayoutError as e:
-        raise RowLayoutError(f"{row.source or 'row'}: {e}") from None
-    return builder.inference_prompt(concepts, row.images[-1], row_question(rng, len(concepts)))
+        if layout == "training":
+            return builder.training_prompt(row, rng)
+        try:
+            concepts = reference_concepts(row)
+        except RowLayoutError as e:
+            raise RowLayoutError(f"{row.source or 'row'}: {e}") from None
+        return builder.inference_prompt(concepts, row.images[-1], row_question(rng, len(concepts)))
+    except ImageError as e:
+        raise ImageError(f"{row.source or 'row'}: {e}") from e
 
 
 def check_rows(rows: list[Row], layout: str, *, tasks: set[str] | None = None,

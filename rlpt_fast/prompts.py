@@ -110,6 +110,10 @@ class Prompt:
     text: str
 
 
+class ImageError(ValueError):
+    """An image file that cannot be decoded or processed; the message names the file."""
+
+
 RESIZE_RULES = ("none", "multi", "single")
 _CACHE_SIZE = 1024
 # One process-wide cache of processed images keyed by (content hash, rule, config): reference
@@ -136,12 +140,16 @@ def process_image(image: str | Path | Image.Image, cfg: VisionConfig,
         raise ValueError(f"rule must be one of {RESIZE_RULES}, got {rule!r}")
     if isinstance(image, Image.Image):
         return _process(image.convert("RGB"), cfg, rule)
-    data = Path(image).read_bytes()
-    key = (hashlib.sha1(data).hexdigest(), rule, cfg)
-    if key in _image_cache:
-        _image_cache.move_to_end(key)
-        return _image_cache[key]
-    out = _process(open_image(io.BytesIO(data)), cfg, rule)
+    try:
+        data = Path(image).read_bytes()
+        key = (hashlib.sha1(data).hexdigest(), rule, cfg)
+        if key in _image_cache:
+            _image_cache.move_to_end(key)
+            return _image_cache[key]
+        out = _process(open_image(io.BytesIO(data)), cfg, rule)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        # a file deleted or truncated since validation (which reads headers only), or an odd shape
+        raise ImageError(f"image {image}: {type(e).__name__}: {e}") from e
     _image_cache[key] = out
     if len(_image_cache) > _CACHE_SIZE:
         _image_cache.popitem(last=False)

@@ -17,8 +17,9 @@ A minimal config (every other key has RePIC's default; see rlpt_fast/train/confi
     output_dir = "runs/repic"
     checkpoint_every = 100
 
-Exit status 1 with a one-line reason on a bad config, bad data, a reward that raised, or too many
-non-finite steps in a row. The last line printed is a JSON summary (steps, checkpoint, metrics).
+Exit status 1 with a one-line reason on a bad config, bad data, a bad checkpoint to resume from,
+a reward that raised, or too many non-finite steps in a row. The last line printed is a JSON
+summary (steps, checkpoint, metrics).
 """
 from __future__ import annotations
 
@@ -46,17 +47,22 @@ def run(args: argparse.Namespace) -> int:
     resume = args.resume or "--resume" in args.overrides
     try:
         cfg = load_config(args.config, overrides)
-    except (ConfigError, FileNotFoundError) as e:
+    except ConfigError as e:
         print(f"rlpt train: {e}", file=sys.stderr)
         return 1
     from rlpt_fast.distributed import RankFailedError, fail_together, init_distributed, shutdown
     from rlpt_fast.train.trainer import NonFiniteLossError, Trainer
 
-    ctx = init_distributed(cfg.model.device, cfg.train.dist_timeout_s)  # torchrun's ranks, or one process
+    try:  # torchrun's ranks, or one process; its RuntimeErrors are set-up faults (no GPU, bad env)
+        ctx = init_distributed(cfg.model.device, cfg.train.dist_timeout_s)
+    except (RuntimeError, ValueError) as e:
+        print(f"rlpt train: {e}", file=sys.stderr)
+        return 1
     try:
         with fail_together(ctx):  # one rank fails: every rank stops with its error
             summary = Trainer(cfg, resume=resume).train()
-    except (DataError, RewardError, NonFiniteLossError, RankFailedError, ValueError) as e:
+    # OSError: a missing model directory or data file (named), a full disk while checkpointing
+    except (DataError, RewardError, NonFiniteLossError, RankFailedError, ValueError, OSError) as e:
         print(f"rlpt train: {e}", file=sys.stderr)
         return 1
     finally:

@@ -22,6 +22,7 @@ beta 0.04 with k3, eps 0.2 / 0.2, "grpo" aggregation, mu = 1, AdamW lr 1e-5 with
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,8 +56,8 @@ class ModelSection:
 
     def __post_init__(self):
         _check(self.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
-        _check(isinstance(self.device, str) and bool(self.device), "model.device",
-               f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        _check(isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+               "model.device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
 
 
 @dataclass
@@ -92,6 +93,8 @@ class DataSection:
     def __post_init__(self):
         if isinstance(self.files, str):
             self.files = [self.files]
+        _check(all(isinstance(f, str) and f for f in self.files), "data.files",
+               f"must be paths (non-empty strings), got {self.files!r}")
         for m, w in self.task_mix.items():
             _check(m in METHODS, "data.task_mix", f"unknown task {m!r} (expected one of {METHODS})")
             _check(isinstance(w, (int, float)) and w >= 0, f"data.task_mix.{m}", f"must be >= 0, got {w!r}")

@@ -8,6 +8,7 @@ unknown section or key is an error that names it and lists the known ones.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,34 @@ def config_from_dict(raw: dict, where: str = "config") -> TrainConfig:
     kwargs = {}
     for name, value in raw.items():
         if name not in sections:
-            raise ConfigError(f"{where}: unknown section [{name}] (known: {', '.join(sections)})")
+            owners = [s for s, kind in SECTION_TYPES.items() if name in {f.name for f in dataclasses.fields(kind)}]
+            hint = f"; {name} is a key of [{owners[0]}]: write it under that table" if len(owners) == 1 else ""
+            raise ConfigError(f"{where}: unknown section [{name}] (known: {', '.join(sections)}){hint}")
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: [{name}] must be a table, got {value!r}")
-        kwargs[name] = dict(value) if name == "engine" else _section(SECTION_TYPES[name], name, value, where)
+        kwargs[name] = _engine(value, where) if name == "engine" else _section(SECTION_TYPES[name], name, value, where)
     return TrainConfig(**kwargs)
+
+
+# a sample value of each type an [engine] field can have (its annotation's first part)
+_SAMPLES = {"int": 0, "float": 0.0, "bool": False, "str": ""}
+
+
+def _engine(values: dict, where: str) -> dict:
+    """The [engine] table with each known key's value checked against EngineConfig's annotation
+    (unknown keys are left for TrainConfig, which names them)."""
+    from rlpt_fast.rollout.config import EngineConfig
+
+    annotations = {f.name: str(f.type) for f in dataclasses.fields(EngineConfig)}
+    out = {}
+    for k, v in values.items():
+        kinds = annotations.get(k, "").split(" | ")
+        sample = _SAMPLES.get(kinds[0], "" if kinds[0].startswith("Literal") else None)
+        if sample is None or (v is None and "None" in kinds):
+            out[k] = v
+            continue
+        out[k] = _coerce(f"{where}: engine.{k}", sample, v)
+    return out
 
 
 def _section(kind: type, name: str, values: dict, where: str):
@@ -38,12 +62,24 @@ def _section(kind: type, name: str, values: dict, where: str):
         raise ConfigError(f"{where}: unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)} "
                           f"(known in [{name}]: {', '.join(sorted(fields))})")
     defaults = kind()
-    typed = {k: _coerce(f"{where}: {name}.{k}", getattr(defaults, k), v) for k, v in values.items()}
+    annotations = {f.name: str(f.type) for f in dataclasses.fields(kind)}
+    typed = {k: _coerce(f"{where}: {name}.{k}", getattr(defaults, k), v, annotations[k]) for k, v in values.items()}
     return kind(**typed)
 
 
-def _coerce(where: str, default: Any, value: Any) -> Any:
-    """Check `value` against the type of the field's default (ints are accepted for floats)."""
+# list fields: the type of their items, from the field's annotation
+_ITEM_DEFAULTS = {"list[str]": "", "list[float]": 0.0, "list[int]": 0}
+
+
+def _coerce(where: str, default: Any, value: Any, annotation: str = "") -> Any:
+    """Check `value` against the type of the field's default (ints are accepted for floats;
+    a list's items against its annotation; nan and inf are refused)."""
+    if isinstance(default, list) and annotation in _ITEM_DEFAULTS:
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, list):
+            return [_coerce(f"{where}[{i}]", _ITEM_DEFAULTS[annotation], v) for i, v in enumerate(items)]
+    if isinstance(default, float) and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
     if default is None:  # optional bool
         ok = value is None or isinstance(value, bool)
         expected = "true or false"
@@ -103,6 +139,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read the config file: {e}") from None
         _anchor_paths(raw, path.parent)
     for arg in overrides:
         section, leaf = _resolve_key(parse_override(arg)[0])

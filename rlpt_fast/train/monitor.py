@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -43,7 +44,10 @@ class Monitor:
         """Drop logged steps after `step` (they will be re-run) and move the bar there."""
         if self.path.exists():
             keep = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
-            self.path.write_text("".join(line + "\n" for line in keep))
+            # a new file renamed over the old: a crash here never truncates the steps already logged
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, self.path)
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
 

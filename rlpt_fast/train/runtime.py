@@ -34,6 +34,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_states() -> tuple:
+    """Every global generator's state (python, numpy, torch, CUDA), for `set_rng_states`."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def set_rng_states(states: tuple) -> None:
+    py, npy, cpu, cuda = states
+    random.setstate(py)
+    np.random.set_state(npy)
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
 def derived_seed(*parts: object) -> int:
     """A 62-bit seed determined by `parts` (stable across processes, unlike hash())."""
     return random.Random(":".join(map(str, parts))).getrandbits(62)

@@ -34,8 +34,8 @@ def import_reward(spec: str) -> RewardFn:
         fn = getattr(import_module(module), attr)
     except (ImportError, AttributeError) as e:
         raise ValueError(f"grpo.reward_fn={spec!r}: cannot import it: {e}") from None
-    if not callable(fn):
-        raise TypeError(f"grpo.reward_fn={spec!r} is not callable")
+    if not callable(fn):  # a ValueError, like every other bad config value: `rlpt train` reports it in one line
+        raise ValueError(f"grpo.reward_fn={spec!r} is not callable (got {type(fn).__name__})")
     return fn
 
 

@@ -75,7 +75,12 @@ class PromptStream:
         return {"position": self.position, "rows": len(self.rows), "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or not {"position", "rows", "seed"} <= set(state):
+            raise ValueError(f"the stream state needs position, rows and seed, got {state!r}")
         if state["rows"] != len(self.rows):
             raise ValueError(f"checkpoint was taken over {state['rows']} training rows, the data now has "
                              f"{len(self.rows)}: resuming would not continue the same run")
+        if state["seed"] != self.seed:  # the order of the prompts (and every rollout seed) would change
+            raise ValueError(f"checkpoint was taken with train.seed={state['seed']}, the config now has "
+                             f"{self.seed}: resuming would not continue the same run")
         self.position = int(state["position"])

@@ -15,6 +15,9 @@ One step (DESIGN.md, "One GRPO step"):
   5. clip, AdamW (fused where available) at the schedule's learning rate. With mu > 1, steps 4-5
      repeat mu times on the same rollouts, old log-probs kept from the first pass.
 A non-finite loss or gradient norm skips the update (logged); max_nonfinite in a row abort.
+Any other error in a step (an image that no longer decodes, a reward that raised, out of memory)
+that comes before the step's first optimizer update saves the steps done so far first, so
+`--resume` retries that step exactly where the run stopped (guard.py).
 Randomness: the engine's draws are seeded from (seed, step, prompt), the LoRA dropout from torch's
 global generator, whose state checkpoints carry, so a resumed run repeats an uninterrupted one.
 
@@ -35,15 +38,16 @@ from pathlib import Path
 
 import torch
 
-from rlpt_fast.data import Row, load_rows
+from rlpt_fast.data import Row
 from rlpt_fast.distributed import checkpointing as dist_ckpt
 from rlpt_fast.distributed.data_parallel import DataParallel
-from rlpt_fast.prompt_layout import check_rows, row_prompt
+from rlpt_fast.prompt_layout import row_prompt
 from rlpt_fast.prompts import PromptBuilder, row_rng
 from rlpt_fast.rollout import Engine, Request, SamplingParams
 from rlpt_fast.train import checkpoint as ckpt
 from rlpt_fast.train.build import build_models, engine_config
 from rlpt_fast.train.config import TrainConfig
+from rlpt_fast.train.guard import StepGuard, check_prompt_length, training_rows
 from rlpt_fast.train.loss import Rollout, packed_tokens, policy_loss, reference_logprobs
 from rlpt_fast.train.metrics import step_metrics
 from rlpt_fast.train.monitor import Monitor
@@ -85,14 +89,14 @@ class Trainer:
         self.dist = DataParallel(cfg.model.device, cfg.train.dist_timeout_s)  # torchrun ranks (or one)
         self.device = self.dist.ctx.device if self.dist.distributed else resolve_device(cfg.model.device)
         self.dtype = resolve_dtype(cfg.model.dtype, self.device)
+        self.resume_asked = resume
         self.resume_from = ckpt.latest_checkpoint(self.output_dir) if resume else None
-        if rows is None:  # before the model: bad data fails fast, naming each bad row
-            if not cfg.data.files:
-                raise ValueError("data.files is empty: give RePIC-format training rows (JSON/JSONL)")
-            rows = load_rows(cfg.data.files, skip_invalid=cfg.data.skip_invalid).rows
-        sampled = {m for m, w in cfg.data.task_mix.items() if w > 0} if cfg.data.task_mix else None
-        self.rows = rows = check_rows(rows, cfg.data.prompt_layout, tasks=sampled,
-                                      skip_invalid=cfg.data.skip_invalid)
+        self.rows = rows = training_rows(cfg, rows)  # before the model: bad data fails fast, naming each bad row
+        self.stream = PromptStream(rows, cfg.train.seed, shuffle=cfg.data.shuffle, task_mix=cfg.data.task_mix)
+        if self.resume_from is not None:  # a corrupt checkpoint or changed data fails here, not after the model loads
+            self._check_resume()
+        self.reward_fn = reward_fn or (import_reward(cfg.grpo.reward_fn) if cfg.grpo.reward_fn
+                                       else repic_reward(cfg.grpo.reward_compat))
         seed_everything(cfg.train.seed)
         self.model, self.ref_model = build_models(cfg, self.device, self.dtype, model, self.resume_from)
         self.model = self.dist.wrap(self.model, lora=cfg.lora.enabled)  # FSDP2, or adapters from rank 0
@@ -104,12 +108,9 @@ class Trainer:
         self.params = [p for _, p in named]
         self.builder = PromptBuilder(cfg.model.path)
         self.tokenizer = self.builder.tokenizer
-        self.stream = PromptStream(rows, cfg.train.seed, shuffle=cfg.data.shuffle, task_mix=cfg.data.task_mix)
         with self.dist.gathered(self.model):
             self.engine = Engine(self.model, **engine_config(cfg, self.model))
         self.optimizer = build_optimizer(self.params, cfg.optim)
-        self.reward_fn = reward_fn or (import_reward(cfg.grpo.reward_fn) if cfg.grpo.reward_fn
-                                       else repic_reward(cfg.grpo.reward_compat))
         self.state = ckpt.TrainerState()
         per_step = cfg.train.prompts_per_step * cfg.train.grad_accum
         self.total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * len(rows) / per_step)
@@ -122,6 +123,14 @@ class Trainer:
                     self.resume_from, model=self.model, optimizer=self.optimizer,
                     param_names=self.param_names, lora=cfg.lora.enabled)
             self.stream.load_state_dict(stream_state)
+
+    def _check_resume(self) -> None:
+        """The checkpoint's files are there and its data position fits these rows and this seed."""
+        meta = ckpt.check_checkpoint(self.resume_from, lora=self.cfg.lora.enabled)
+        try:
+            self.stream.load_state_dict(meta["stream"])
+        except ValueError as e:
+            raise ckpt.CheckpointError(f"{self.resume_from}: {e}") from None
 
     @property
     def total_updates(self) -> int:
@@ -176,6 +185,7 @@ class Trainer:
         for epoch, idx in picks:
             p = row_prompt(self.builder, self.rows[idx], row_rng(cfg.train.seed, epoch, idx),
                            cfg.data.prompt_layout)
+            check_prompt_length(self.rows[idx], p, self.engine.config.max_model_len)
             prompts.append(p)
             embeds.append(None if p.pixel_values is None else
                           self.model.encode_images(p.pixel_values.to(self.device), p.image_grid_thw))
@@ -260,6 +270,8 @@ class Trainer:
         mon.resume_at(self.state.step)
         if self.resume_from is not None:
             mon.message(f"resumed from {self.resume_from} (step {self.state.step})")
+        elif self.resume_asked:  # a mistyped output_dir would otherwise start over without a word
+            mon.message(f"--resume: no checkpoint in {ckpt.checkpoint_root(self.output_dir)}; starting from step 0")
         elif (old := ckpt.latest_checkpoint(self.output_dir)) is not None:
             mon.message(f"warning: {self.output_dir} holds checkpoints of an earlier run (latest {old.name}); "
                         "this fresh run overwrites them step by step (--resume continues that run instead)")
@@ -267,13 +279,18 @@ class Trainer:
             (self.output_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
         mon.message(self.dist.memory_plan(self.model, self.engine).table())
         last, saved, first = {}, None, self.state.step + 1
+        guard = StepGuard(self)  # a step that raises first saves the steps done
         try:
             while self.state.step < self.total_steps:
+                guard.begin()
                 try:
                     last = self.step()
                 except NonFiniteLossError as e:
                     mon.log(e.metrics)
                     mon.message(str(e))
+                    raise
+                except Exception as e:
+                    guard.failed(e, mon.message)
                     raise
                 mon.log(last)
                 if self.state.step == first:  # the plan against what the first step measured
@@ -282,6 +299,7 @@ class Trainer:
                     mon.message(f"step {last['step']}: non-finite loss or gradient, update skipped")
                 if t.checkpoint_every and self.state.step % t.checkpoint_every == 0:
                     saved = self.save()
+                    guard.saved(self.state.step)
             if saved is None or saved.name != ckpt.step_dir(self.output_dir, self.state.step).name:
                 saved = self.save()
         finally:

@@ -83,6 +83,8 @@ BAD = [  # (row, expected reason)
     ({"image": "img/broken.jpg", "problem": "p", "solution": "no", "accu_reward_method": "yes_no"},
      "unreadable image"),
     ("{not json", "not valid JSON"),
+    ({"image": "img/a.png", "problem": "Is <A> in <|image_pad|>?", "solution": "no", "accu_reward_method": "yes_no"},
+     "must not contain <|image_pad|>"),
 ]
 
 
@@ -137,3 +139,54 @@ def test_resolve_path_falls_back_to_trailing_parts(tmp_path):
     got = resolve_path("./data/database_tot/database_4_concepts/avengers/thor.jpg", tmp_path)
     assert got == tmp_path / "avengers/thor.jpg"
     assert resolve_path("x/y.jpg", tmp_path) == tmp_path / "x/y.jpg"
+
+
+@pytest.mark.parametrize("content, needle", [
+    (None, "training rows file not found"),
+    (b"\xff\xfe{}\n", "cannot read the training rows file"),
+])
+def test_missing_or_undecodable_rows_file_is_a_data_error_naming_it(tmp_path, content, needle):
+    f = tmp_path / "rows.jsonl"
+    if content is not None:
+        f.write_bytes(content)
+    with pytest.raises(DataError) as e:
+        load_rows(f)
+    assert (e.value.errors[0].file, e.value.errors[0].row) == (str(f), "file")
+    assert needle in str(e.value) and str(f) in str(e.value)
+
+
+def test_upper_case_jsonl_suffix_and_a_byte_order_mark_read_as_jsonl(imgs):
+    f = _write(imgs, GOOD, "rows.jsonl").rename(imgs / "ROWS.JSONL")
+    assert len(load_rows(f)) == 3
+    f.write_bytes(b"\xef\xbb\xbf" + f.read_bytes())  # saved by a Windows editor
+    assert len(load_rows(f)) == 3
+
+
+def test_many_bad_rows_list_the_first_ones_and_count_the_rest(imgs):
+    f = _write(imgs, [BAD[0][0]] * 50)
+    with pytest.raises(DataError) as e:
+        load_rows(f)
+    msg = str(e.value)
+    assert len(e.value.errors) == 50 and msg.startswith("50 invalid training row(s)")
+    assert f"{f}: line 20: " in msg and f"{f}: line 21: " not in msg and "... and 30 more" in msg
+
+
+@pytest.mark.parametrize("text, needle", [
+    (None, "concept database not found"),
+    ("{", "concept database is not valid JSON: Expecting property name"),
+    ('{"concept_dict": {"<A>": "a string"}}', "concept '<A>': expected an object"),
+])
+def test_bad_database_names_the_file_and_concept(tmp_path, text, needle):
+    f = tmp_path / "database_mod.json"
+    if text is not None:
+        f.write_text(text)
+    with pytest.raises(ValueError) as e:
+        load_database(f)
+    assert str(f) in str(e.value) and needle in str(e.value)
+
+
+def test_bad_query_set_json_names_the_file(tmp_path):
+    f = tmp_path / "q.json"
+    f.write_text('{"a.png": ["<A>"],}')
+    with pytest.raises(ValueError, match=r"q\.json: the query set is not valid JSON: .*line 1"):
+        load_queries(f)

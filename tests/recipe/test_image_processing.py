@@ -97,3 +97,13 @@ def test_from_pretrained_reads_preprocessor_config(tmp_path):
     assert VisionConfig.from_pretrained(tmp_path).max_pixels == 50176
     with pytest.raises(ValueError, match="backend"):
         VisionConfig(backend="cv2")
+
+
+@pytest.mark.parametrize("text, needle", [("{", "JSONDecodeError"), ('{"merge_size": "two"}', "ValueError"),
+                                          ('{"min_pixels": 0}', "min_pixels <= max_pixels"),
+                                          ('{"size": 5}', "AttributeError")])
+def test_bad_preprocessor_config_names_the_file(tmp_path, text, needle):
+    (tmp_path / "preprocessor_config.json").write_text(text)
+    with pytest.raises(ValueError, match="preprocessor_config.json: ") as e:
+        VisionConfig.from_pretrained(tmp_path)
+    assert needle in str(e.value)

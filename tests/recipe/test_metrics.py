@@ -138,3 +138,21 @@ def test_bad_caption_row_names_file_and_row(tmp_path):
     f.write_text(json.dumps([["a", ["<A>"], "x"], ["b", "<A>", "y"]]))
     with pytest.raises(ValueError, match=r"c\.json: row 1"):
         metrics.load_captions(f)
+
+
+def test_cli_reports_unreadable_files_by_name_and_scores_the_rest(tmp_path, capsys):
+    from rlpt_fast.cli import main
+
+    good, torn, db = tmp_path / "good.json", tmp_path / "torn.json", tmp_path / "db.json"
+    good.write_text(json.dumps([["a.png", ["<A>"], "A photo of <A>.", "q"]]))
+    torn.write_text('[["a.png", ["<A>"], "A pho')
+    argv = ["score-captions", str(tmp_path / "absent.json"), str(torn), str(good), "--protocol", "single", "--json"]
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    assert [json.loads(line)["file"] for line in out.splitlines()] == [str(good)]
+    assert f"{tmp_path / 'absent.json'}: caption file not found" in err
+    assert f"{torn}: the caption file is not valid JSON" in err
+
+    db.write_text(json.dumps({"concept_dict": {"<A>": "A"}}))
+    assert main(argv[:3] + ["--protocol", "single", "--strict", "--database", str(db)]) == 1
+    assert f"{db}: concept(s) ['<A>'] are not objects" in capsys.readouterr().err

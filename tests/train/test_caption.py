@@ -72,3 +72,36 @@ def test_caption_rows_line_up_with_repics_own_caption_file(tmp_path, ckpt):
     theirs = json.loads((REPIC / "captioning" / "quad_concept" / "captioning-skip-retrieval-ours.json").read_text())
     assert [[r[0], r[1], r[3]] for r in ours] == [[r[0], r[1], r[3]] for r in theirs[:3]]
 
+
+
+def _caption_argv(ckpt, world, out, **changes):
+    args = {"--model": str(ckpt), "--database": str(world.database), "--queries": str(world.queries),
+            "--out": str(out), "--max-new-tokens": "2", "--device": "cpu", **changes}
+    return ["caption"] + [x for kv in args.items() for x in kv]
+
+
+def test_bad_inputs_fail_in_one_line_before_the_model_loads_and_keep_the_old_output(tmp_path, ckpt, world, capsys):
+    out = tmp_path / "caps.json"
+    out.write_text("[]")  # an earlier run's file: a failed run must not touch it
+    spec = json.loads(world.queries.read_text())
+    first_image, first_keys = next(iter(spec.items()))
+    db = json.loads(world.database.read_text())
+    del db["concept_dict"][first_keys[0]]
+    short_db = world.database.with_name("short_db.json")  # beside the original: reference paths resolve
+    short_db.write_text(json.dumps(db))
+    bad_json = tmp_path / "torn.json"
+    bad_json.write_text('{"a.png": [')
+    cases = [
+        ({"--database": str(short_db)}, [f"query {first_image!r}", f"{first_keys[0]}", "not in", str(short_db)]),
+        ({"--database": str(bad_json)}, [str(bad_json), "concept database is not valid JSON"]),
+        ({"--queries": str(tmp_path / "absent.json")}, ["absent.json: query set not found"]),
+        ({"--image-root": str(tmp_path)}, ["image not found", str(tmp_path)]),
+        ({"--model": str(tmp_path / "no_model")}, ["no_model"]),
+        ({"--adapter": str(tmp_path / "no_adapter")}, ["--adapter", "no_adapter"]),
+    ]
+    for change, needles in cases:
+        assert main(_caption_argv(ckpt, world, out, **change)) == 1, change
+        err = capsys.readouterr().err
+        assert err.startswith("rlpt caption: ") and all(n in err for n in needles), (change, err)
+        assert "Traceback" not in err
+    assert out.read_text() == "[]"

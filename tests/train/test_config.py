@@ -41,6 +41,7 @@ def test_override_values_parse_as_toml():
 @pytest.mark.parametrize("toml, overrides, needle", [
     ("[grpo]\nbetta = 0.1\n", [], "grpo.betta"),
     ("[trainer]\nx = 1\n", [], "[trainer]"),
+    ("seed = 3\n[train]\nepochs = 1\n", [], "seed is a key of [train]: write it under that table"),
     ("", ["--grpo.nope=1"], "grpo.nope"),
     ("", ["--nope=1"], "--nope"),
     ("", ["--seed=x"], "train.seed"),
@@ -52,6 +53,18 @@ def test_override_values_parse_as_toml():
     ("", ["--engine.block_size=0"], "block_size"),
     ("", ["--grpo.reward_fn=nocolon"], "grpo.reward_fn"),
     ("[grpo]\nbeta = \n", [], "not valid TOML"),
+    ('[optim]\nbetas = ["a", "b"]\n', [], "optim.betas[0]: expected a number, got 'a'"),
+    ("", ["--data.files=[1]"], "data.files[0]: expected a string, got 1"),
+    ("", ["--lora.target_modules=['q_proj', 2]"], "lora.target_modules[1]: expected a string"),
+    ("[optim]\nlr = inf\n", [], "optim.lr: expected a finite number, got inf"),
+    ("", ["--grpo.beta=nan"], "grpo.beta: expected a finite number"),
+    ('[model]\ndevice = "gpu"\n', [], "model.device"),
+    ("", ["--model.device=cuda:x"], "model.device"),
+    ("", ["--data.files="], "data.files: must be paths"),
+    ("", ["--engine.max_model_len=1.5"], "engine.max_model_len: expected an integer, got 1.5"),
+    ("", ["--engine.block_size=true"], "engine.block_size: expected an integer"),
+    ("", ["--engine.cuda_graphs=1"], "engine.cuda_graphs: expected true or false"),
+    ("", ["--engine.gpu_memory_utilization=nan"], "engine.gpu_memory_utilization: expected a finite number"),
 ])
 def test_errors_name_the_key(tmp_path, toml, overrides, needle):
     path = tmp_path / "bad.toml"
@@ -84,3 +97,52 @@ def test_rlpt_train_reports_bad_config_and_bad_rows_in_one_line(tmp_path, capsys
     cfg.write_text('[model]\npath = "nowhere"\n[data]\nfiles = ["rows.jsonl"]\n')
     rc, err = main(["train", str(cfg), "--train.progress=false"]), capsys.readouterr().err
     assert rc == 1 and "rows.jsonl: line 1" in err and "'yes' or 'no'" in err, err
+
+
+@pytest.mark.parametrize("content, needle", [(None, "config file not found"),
+                                             (b'[model]\npath = "\xff"\n', "cannot read the config file")])
+def test_unreadable_config_file_is_a_config_error_naming_it(tmp_path, content, needle):
+    path = tmp_path / "run.toml"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError, match=f"run.toml: {needle}"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        load_config(tmp_path)  # a directory
+
+
+def test_rlpt_train_reports_set_up_faults_in_one_line(tmp_path, capsys):
+    import torch
+    from PIL import Image
+
+    from rlpt_fast.testing import write_tiny_checkpoint
+
+    (tmp_path / "rows.jsonl").write_text("")
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('[model]\npath = "nowhere"\n[data]\nfiles = ["rows.jsonl"]\n[train]\nprogress = false\n')
+    assert main(["train", str(tmp_path / "absent.toml")]) == 1
+    assert "absent.toml: config file not found" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["train", str(cfg), "--model.device=cuda"]) == 1
+        assert "no CUDA device is available" in capsys.readouterr().err
+    assert main(["train", str(cfg), "--data.files=['absent.jsonl']"]) == 1
+    assert "absent.jsonl: file: training rows file not found" in capsys.readouterr().err
+    write_tiny_checkpoint(tmp_path / "ckpt", "qwen2_5_vl", seed=0)
+    (tmp_path / "a.png").write_bytes(b"")  # every row invalid and skipped: no rows are left
+    (tmp_path / "rows.jsonl").write_text('{"image": "a.png", "problem": "p", "solution": "yes", '
+                                         '"accu_reward_method": "yes_no"}\n')
+    assert main(["train", str(cfg), f"--model.path={tmp_path / 'ckpt'}", "--data.skip_invalid=true"]) == 1
+    err = capsys.readouterr().err
+    assert "no valid training rows" in err and "rows.jsonl: line 1: unreadable image" in err, err
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    assert main(["train", str(cfg), f"--model.path={tmp_path / 'no_model'}"]) == 1
+    assert "no_model" in capsys.readouterr().err
+
+
+def test_reward_fn_that_is_not_a_function_is_a_value_error():
+    from rlpt_fast.train.scoring import import_reward
+
+    with pytest.raises(ValueError, match="grpo.reward_fn='math:pi' is not callable"):
+        import_reward("math:pi")
+    with pytest.raises(ValueError, match="cannot import it"):
+        import_reward("no_such_module_here:f")

@@ -72,3 +72,35 @@ def test_step_in_inference_layout_renders_the_rows_concepts(make_config, world):
         assert torch.equal(r.prompt.input_ids, want.input_ids)
         assert torch.equal(r.prompt.image_grid_thw, want.image_grid_thw)
         assert len(r.completions) == 4 and len(r.rewards) == 4
+
+
+@pytest.mark.parametrize("layout", ["training", "inference"])
+def test_image_that_breaks_after_validation_names_the_row_and_the_image(ckpt, world, tmp_path, layout):
+    import dataclasses
+    import random
+
+    from rlpt_fast.data import image_problem, load_rows
+    from rlpt_fast.prompt_layout import row_prompt
+    from rlpt_fast.prompts import ImageError, PromptBuilder
+
+    row = next(r for r in load_rows(world.rows).rows if r.method == "yes_no_name")
+    query = tmp_path / "query.png"
+    data = row.images[-1].read_bytes()
+    query.write_bytes(data[: len(data) // 2])  # truncated: the header (all validation reads) is intact
+    assert image_problem(query) is None
+    row = dataclasses.replace(row, images=row.images[:-1] + (query,))
+    with pytest.raises(ImageError) as e:
+        row_prompt(PromptBuilder(ckpt), row, random.Random(0), layout)
+    assert str(e.value).startswith(f"{row.source}: image {query}: ") and "truncated" in str(e.value), str(e.value)
+
+
+def test_rows_with_an_image_qwen_vl_cannot_take_fail_validation(tmp_path):
+    from PIL import Image
+
+    from rlpt_fast.data import load_rows
+
+    Image.new("RGB", (402, 2)).save(tmp_path / "strip.png")
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"image": "strip.png", "problem": "p", "solution": "yes",
+                                                     "accu_reward_method": "yes_no"}) + "\n")
+    with pytest.raises(DataError, match=r"rows.jsonl: line 1: image .*strip.png is 402x2: .*aspect ratio up to 200"):
+        load_rows(tmp_path / "rows.jsonl")

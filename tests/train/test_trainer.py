@@ -144,6 +144,12 @@ def test_reward_exception_names_the_row(make_config):
     assert isinstance(e.value.__cause__, KeyError)
 
 
+def test_prompt_longer_than_the_engine_takes_names_the_row(make_config):
+    tr = Trainer(make_config("--engine.max_model_len=64"))
+    with pytest.raises(ValueError, match=r"train\.jsonl:line \d+: its prompt has \d+ tokens, engine.max_model_len is 64"):
+        tr.step()
+
+
 def test_mu_keeps_old_logprobs_from_the_first_pass(make_config):
     tr = Trainer(make_config("--lora.dropout=0", "--grpo.mu=2", "--grpo.beta=0"))
     perturb_lora(tr.model, seed=2)
