@@ -27,6 +27,12 @@ def summary(before: EvalResult, after: EvalResult, *, steps: int, seconds: float
     return out
 
 
+def _value(metrics: dict, key: str) -> float:
+    """metrics[key], NaN (a gap in the curve) where absent or null (non-finite in metrics.jsonl)."""
+    v = metrics.get(key)
+    return float("nan") if v is None else v
+
+
 def reward_curve(metrics_jsonl: Path, out: Path) -> Path | None:
     """reward_mean per GRPO step (and per task) as a PNG; None without matplotlib."""
     try:
@@ -40,10 +46,10 @@ def reward_curve(metrics_jsonl: Path, out: Path) -> Path | None:
                                       if k.startswith("reward/") and k.endswith("/mean")})
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
     for k in keys:
-        ax.plot([h["step"] for h in hist], [h.get(k, float("nan")) for h in hist], label=k)
+        ax.plot([h["step"] for h in hist], [_value(h, k) for h in hist], label=k)
     ax.set(title="RePIC name reward (mean over G samples)", xlabel="GRPO step", ylim=(-0.02, 1.02))
     ax.legend(fontsize=7)
-    ax2.plot([h["step"] for h in hist], [h["kl"] for h in hist], color="tab:red")
+    ax2.plot([h["step"] for h in hist], [_value(h, "kl") for h in hist], color="tab:red")
     ax2.set(title="KL to the base model (k3)", xlabel="GRPO step")
     fig.tight_layout()
     fig.savefig(out, dpi=100)

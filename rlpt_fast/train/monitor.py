@@ -1,6 +1,8 @@
 """What a user sees of a run: a progress bar with ETA, metrics.jsonl, TensorBoard, PNG curves.
 
-metrics.jsonl holds one JSON object per trainer step (the dict Trainer.step returns). On resume
+metrics.jsonl holds one JSON object per trainer step (the dict Trainer.step returns), strict JSON:
+a non-finite value (the loss of a skipped step) is written as null, which jq and other readers
+take, where Python's NaN token is not JSON. On resume
 the lines past the checkpoint's step are dropped, so the file reads as one uninterrupted run.
 TensorBoard (if the `tensorboard` package is installed) gets every numeric metric; matplotlib (if
 installed) draws the curves into `plots/` when the run ends.
@@ -53,7 +55,7 @@ class Monitor:
 
     def log(self, metrics: dict) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
+            f.write(json.dumps(_nulls_for_nonfinite(metrics), allow_nan=False) + "\n")
         if self.writer is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
@@ -82,6 +84,10 @@ class Monitor:
         if self.writer is not None:
             self.writer.close()
         return plot_metrics(self.history(), self.dir / "plots") if self.want_plots else []
+
+
+def _nulls_for_nonfinite(metrics: dict) -> dict:
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
 
 
 def _step_of(line: str) -> float:

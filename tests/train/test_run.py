@@ -2,6 +2,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from rlpt_fast.prompts import row_rng
 from rlpt_fast.rollout import Engine
 from rlpt_fast.train.trainer import Trainer
@@ -62,3 +64,21 @@ def test_monitor_sends_numeric_metrics_to_tensorboard_when_installed(tmp_path, m
     mon.close()
     assert calls == [("dir", str(tmp_path / "tensorboard")), ("step", 1, 1), ("reward_mean", 0.5, 1),
                      ("reward/iou/mean", 1.0, 1), ("closed",)]
+
+
+def test_metrics_jsonl_is_strict_json_with_null_for_a_non_finite_value(tmp_path):
+    """A skipped step's loss is NaN: written as null (Python's NaN token is not JSON; jq refuses it)
+    and drawn as a gap, the other values kept."""
+    from rlpt_fast.demo.report import reward_curve
+    from rlpt_fast.train.monitor import Monitor
+
+    mon = Monitor(tmp_path, 2, progress=False, tensorboard=False, plots=True)
+    for step, loss in ((1, 0.5), (2, float("nan"))):
+        mon.log({"step": step, "loss": loss, "kl": 0.01, "reward_mean": 0.5, "skipped": loss != loss,
+                 "completion_length_mean": 9.0})
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    strict = [json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON token {c}")) for line in lines]
+    assert strict[1]["loss"] is None and strict[1]["kl"] == 0.01 and strict[0]["loss"] == 0.5
+    pytest.importorskip("matplotlib")
+    assert {p.name for p in mon.close()} >= {"reward.png", "kl.png"}
+    assert reward_curve(tmp_path / "metrics.jsonl", tmp_path / "curve.png").exists()
