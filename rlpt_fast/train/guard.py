@@ -7,14 +7,33 @@ update count, every RNG state); `StepGuard.failed()` puts them back and saves, s
 retries the failed step exactly as an uninterrupted run takes it. It saves nothing when the step
 already changed weights (an optimizer update happened), under torchrun (a save is collective and
 the other ranks are gone), or when nothing is new since the last checkpoint.
+
+`StepGuard.aborted()` saves the run when it stops for train.max_nonfinite non-finite steps in a
+row: such a step ran to its end (its update skipped), so the state is consistent as it stands and
+`--resume` (with a lower optim.lr, say) continues after it. Alone only, as above.
 """
 from __future__ import annotations
+
+import torch
 
 from rlpt_fast.data import MAX_LISTED, Row, load_rows
 from rlpt_fast.prompt_layout import check_rows
 from rlpt_fast.prompts import Prompt
 from rlpt_fast.train.config import TrainConfig
 from rlpt_fast.train.runtime import rng_states, set_rng_states
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss; `metrics` is the last step's, `checkpoint`
+    where StepGuard.aborted saved the run (None when it did not)."""
+
+    def __init__(self, message: str, metrics: dict):
+        super().__init__(message)
+        self.metrics = metrics
+        self.checkpoint = None
+
+    def add(self, text: str) -> None:
+        self.args = (f"{self.args[0]}{text}",)
 
 
 def training_rows(cfg: TrainConfig, rows: list[Row] | None) -> list[Row]:
@@ -74,3 +93,21 @@ class StepGuard:
         self.saved_step = t.state.step
         message(f"step {t.state.step + 1} failed ({type(error).__name__}); the {t.state.step} steps done are "
                 f"saved in {path}: fix the cause and run again with --resume")
+
+    def aborted(self, error: NonFiniteLossError) -> None:
+        """Saves the run at the aborting step (module docstring); the error's message says where."""
+        t = self.trainer
+        if t.dist.distributed:
+            return
+        if not all(bool(torch.isfinite(p).all()) for p in t.params):  # such weights are not worth resuming
+            error.add("; not saved: the weights hold non-finite values")
+            return
+        t.state.nonfinite_streak = 0  # a resumed run (lr lowered) gets max_nonfinite tries again
+        try:
+            path = t.save()
+        except Exception as save_error:  # never hide the abort behind this one
+            error.add(f"; saving step {t.state.step} failed too: {save_error}")
+            return
+        self.saved_step, error.checkpoint = t.state.step, path
+        error.add(f"\nthe run is saved in {path} (step {t.state.step}): continue it with --resume "
+                  "(e.g. --resume --optim.lr=LOWER)")

@@ -14,7 +14,8 @@ One step (DESIGN.md, "One GRPO step"):
      the group-packed training forward and the fused GRPO loss from hidden states, backward;
   5. clip, AdamW (fused where available) at the schedule's learning rate. With mu > 1, steps 4-5
      repeat mu times on the same rollouts, old log-probs kept from the first pass.
-A non-finite loss or gradient norm skips the update (logged); max_nonfinite in a row abort.
+A non-finite loss or gradient norm skips the update (logged); max_nonfinite in a row abort, after
+saving the run as it stands (the aborting step ran to its end), so `--resume` continues it.
 Any other error in a step (an image that no longer decodes, a reward that raised, out of memory)
 that comes before the step's first optimizer update saves the steps done so far first, so
 `--resume` retries that step exactly where the run stopped (guard.py).
@@ -47,7 +48,7 @@ from rlpt_fast.rollout import Engine, Request, SamplingParams
 from rlpt_fast.train import checkpoint as ckpt
 from rlpt_fast.train.build import build_models, engine_config
 from rlpt_fast.train.config import TrainConfig
-from rlpt_fast.train.guard import StepGuard, check_prompt_length, training_rows
+from rlpt_fast.train.guard import NonFiniteLossError, StepGuard, check_prompt_length, training_rows
 from rlpt_fast.train.loss import Rollout, packed_tokens, policy_loss, reference_logprobs
 from rlpt_fast.train.metrics import step_metrics
 from rlpt_fast.train.monitor import Monitor
@@ -62,14 +63,6 @@ from rlpt_fast.train.runtime import (
 )
 from rlpt_fast.train.scoring import RewardFn, import_reward, repic_reward, score_group
 from rlpt_fast.train.stream import PromptStream
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps had a non-finite loss; `metrics` is the last step's."""
-
-    def __init__(self, message: str, metrics: dict):
-        super().__init__(message)
-        self.metrics = metrics
 
 
 class Trainer:
@@ -287,6 +280,7 @@ class Trainer:
                     last = self.step()
                 except NonFiniteLossError as e:
                     mon.log(e.metrics)
+                    guard.aborted(e)  # saves the run; the message says where
                     mon.message(str(e))
                     raise
                 except Exception as e:

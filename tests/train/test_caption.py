@@ -105,3 +105,93 @@ def test_bad_inputs_fail_in_one_line_before_the_model_loads_and_keep_the_old_out
         assert err.startswith("rlpt caption: ") and all(n in err for n in needles), (change, err)
         assert "Traceback" not in err
     assert out.read_text() == "[]"
+
+
+def _six_queries(world) -> Path:
+    spec = json.loads(world.queries.read_text())
+    queries = world.queries.with_name("queries_x3.json")  # beside the original: image paths resolve
+    queries.write_text(json.dumps({img: [keys] * 3 for img, keys in spec.items()}))  # 3 queries per image
+    return queries
+
+
+def _stop_at_second_chunk(monkeypatch, argv) -> None:
+    from rlpt_fast.rollout import Engine
+
+    real, calls = Engine.generate, []
+
+    def generate(self, requests, params=None):
+        calls.append(len(requests))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, requests, params)
+    with monkeypatch.context() as m:
+        m.setattr(Engine, "generate", generate)
+        with pytest.raises(KeyboardInterrupt):
+            main(argv)
+
+
+def test_a_rerun_with_a_smaller_limit_keeps_the_captions_past_it(tmp_path, ckpt, world, monkeypatch, capsys):
+    out, partial = tmp_path / "caps.json", tmp_path / "caps.json.partial.jsonl"
+    args = {"--queries": str(_six_queries(world)), "--chunk-size": "2"}
+    _stop_at_second_chunk(monkeypatch, _caption_argv(ckpt, world, out, **args))
+    first_chunk = partial.read_text()
+    capsys.readouterr()
+    assert main(_caption_argv(ckpt, world, out, **args, **{"--limit": "1"})) == 0  # all read, none generated
+    assert len(json.loads(out.read_text())) == 1
+    assert f"kept {partial}: it holds 1 caption(s) past these 1 queries" in capsys.readouterr().err
+    assert partial.read_text() == first_chunk
+
+
+def test_a_stopped_run_keeps_its_chunks_and_the_rerun_generates_only_the_rest(tmp_path, ckpt, world, monkeypatch,
+                                                                               capsys):
+    from rlpt_fast.rollout import Engine
+
+    args = {"--queries": str(_six_queries(world)), "--chunk-size": "2"}
+    full = tmp_path / "full.json"
+    assert main(_caption_argv(ckpt, world, full, **args)) == 0  # uninterrupted
+    want = json.loads(full.read_text())
+    assert len(want) == 6  # 3 chunks
+
+    real, calls, fail = Engine.generate, [], {"at": 2}
+
+    def generate(self, requests, params=None):
+        calls.append(len(requests))
+        if len(calls) == fail["at"]:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, requests, params)
+    monkeypatch.setattr(Engine, "generate", generate)
+    out, partial = tmp_path / "caps.json", tmp_path / "caps.json.partial.jsonl"
+    argv = _caption_argv(ckpt, world, out, **args)
+    capsys.readouterr()
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        main(argv)
+    assert not out.exists()
+    lines = [json.loads(x) for x in partial.read_text().splitlines()]
+    assert lines[0]["run"]["max_new_tokens"] == 2
+    assert [(x["index"], x["row"]) for x in lines[1:]] == [(0, want[0]), (1, want[1])]  # the first chunk
+    assert f"2 captions done are kept in {partial}" in capsys.readouterr().err
+
+    with partial.open("a") as f:  # a kill in the middle of an append leaves a torn line
+        f.write('{"index": 2, "row": ["x.png"')
+    kept = partial.read_text()
+    assert main(_caption_argv(ckpt, world, out, **args, **{"--max-new-tokens": "3"})) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"rlpt caption: {partial}: ") and "max_new_tokens" in err and "delete it" in err
+    assert partial.read_text() == kept and not out.exists()  # a refused run changes nothing
+
+    calls.clear()
+    fail["at"] = 0
+    assert main(argv) == 0
+    assert out.read_text() == full.read_text()
+    assert calls == [2, 2]  # the first chunk was not generated again
+    assert not partial.exists()
+    assert f"2 of 6 captions read from {partial}" in capsys.readouterr().err
+
+
+def test_a_partial_file_of_an_unknown_kind_is_refused_not_overwritten(tmp_path, ckpt, world, capsys):
+    out, partial = tmp_path / "caps.json", tmp_path / "caps.json.partial.jsonl"
+    partial.write_text('{"something": "else"}\n')
+    assert main(_caption_argv(ckpt, world, out)) == 1
+    err = capsys.readouterr().err
+    assert f"{partial}" in err and "line 1" in err and "delete it" in err
+    assert partial.read_text() == '{"something": "else"}\n'

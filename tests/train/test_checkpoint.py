@@ -214,3 +214,48 @@ def test_failure_after_an_update_saves_nothing_half_done(make_config, monkeypatc
     else:
         raise AssertionError("the step did not fail")
     assert ckpt.latest_checkpoint(tr.output_dir) is None  # step 2's first update changed the weights
+
+
+def test_non_finite_abort_saves_the_run_and_resume_continues_it(make_config, monkeypatch):
+    import pytest
+
+    from rlpt_fast.train import trainer as trainer_mod
+    from rlpt_fast.train.trainer import NonFiniteLossError
+
+    cfg = make_config("--train.max_steps=5", "--train.max_nonfinite=2")
+    tr = Trainer(cfg)
+    real = trainer_mod.policy_loss
+
+    def nan_after_step_1(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if tr.state.step >= 1:
+            out.loss = out.loss * float("nan")
+        return out
+    monkeypatch.setattr(trainer_mod, "policy_loss", nan_after_step_1)
+    with pytest.raises(NonFiniteLossError, match="2 consecutive steps") as e:
+        tr.train()
+    saved = ckpt.latest_checkpoint(cfg.train.output_dir)
+    assert saved is not None and saved.name == "step-00000003"  # checkpoint_every = 0: only this save
+    assert e.value.checkpoint == saved and f"saved in {saved}" in str(e.value) and "--resume" in str(e.value)
+
+    monkeypatch.setattr(trainer_mod, "policy_loss", real)
+    resumed = Trainer(make_config("--train.max_steps=5", "--optim.lr=1e-3"), resume=True)
+    assert (resumed.state.step, resumed.state.updates, resumed.stream.position) == (3, 3, tr.stream.position)
+    assert resumed.state.nonfinite_streak == 0  # the resumed run gets max_nonfinite tries again
+    for (n, p), (_, q) in zip(tr.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(p, q), n
+    assert resumed.train()["steps"] == 5 and resumed.state.nonfinite_streak == 0
+
+
+def test_non_finite_abort_under_torchrun_saves_nothing():
+    from types import SimpleNamespace
+
+    from rlpt_fast.train.guard import NonFiniteLossError, StepGuard
+
+    def save():
+        raise AssertionError("a save under torchrun is collective: the abort must not start one")
+    trainer = SimpleNamespace(dist=SimpleNamespace(distributed=True), state=ckpt.TrainerState(step=3),
+                              resume_from=None, save=save, params=[torch.zeros(2)])
+    error = NonFiniteLossError("aborting at step 3", {"step": 3})
+    StepGuard(trainer).aborted(error)
+    assert str(error) == "aborting at step 3" and error.checkpoint is None
