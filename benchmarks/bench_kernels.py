@@ -11,12 +11,15 @@ that must move / measured copy bandwidth, or matmul FLOPs / measured bf16 matmul
 Goals on an H100 (checked here, never in tests): token_logprobs forward >= 85% of copy bandwidth;
 grpo_loss forward+backward <= 0.8x liger's time with no more peak memory; the fused-linear loss
 <= 1.2x the bare lm_head matmuls it replaces, with <= 1 GiB extra memory at 16K tokens.
-Without a GPU it runs small shapes on the CPU, where "ours" is the torch reference backend.
+Without a GPU it runs small shapes on the CPU, where "ours" is the torch reference backend, unless
+RLPT_KERNELS_BACKEND=triton TRITON_INTERPRET=1 put the Triton kernels in the interpreter (the
+sweep's dry run does: the launches the GPU stage makes, checked at tiny sizes).
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -185,6 +188,16 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+def ours_backend(device: str) -> str:
+    """Which implementation "ours" timed (rlpt_kernels.backend decides; the card says)."""
+    from rlpt_kernels.backend import backend_for
+
+    name = backend_for(torch.empty(0, device=device))
+    if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        return "triton (interpreter: times are not a result)"
+    return name if name == "triton" else "torch reference"
+
+
 def main(argv=None) -> dict:
     gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -198,7 +211,7 @@ def main(argv=None) -> dict:
     report = Report("kernels", device, card={
         "vocab": args.vocab, "hidden": args.hidden, "tokens": args.tokens, "dtype": str(dtype),
         "copy_GBps": round(ceilings.copy_gbps, 1), "matmul_TFLOPs": round(ceilings.matmul_tflops, 2),
-        "liger": HAS_LIGER, "trl": HAS_TRL})
+        "liger": HAS_LIGER, "trl": HAS_TRL, "ours": ours_backend(device)})
     report.print_card()
     for tokens in args.tokens:
         if "logprobs" in args.ops:

@@ -1,7 +1,8 @@
 """What every benchmark shares: timing, the device's measured ceilings, and the report format.
 
 Each benchmark prints a card (device, versions, shapes), a fixed-width table, and ONE JSON object
-as its last line, and appends the same record to benchmarks/results/<subject>.jsonl.
+as its last line, and appends the same record to benchmarks/results/<subject>.jsonl
+(RLPT_RESULTS_DIR names another folder: `gpu_sweep.sh --dry-run` keeps CPU records out of results/).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Callable
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(os.environ.get("RLPT_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 
 
 def device_name(device: str) -> str:
@@ -27,14 +28,30 @@ def device_name(device: str) -> str:
     return f"cpu: {platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
+def baseline_versions() -> str:
+    """Versions of the packages the baselines come from ("-": not installed), without importing them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def one(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "-"
+    return ", ".join(f"{name} {one(name)}" for name in ("transformers", "trl", "liger-kernel"))
+
+
 def git_revision() -> str:
-    """HEAD's short hash; RLPT_GIT_REV names it where the tree is an export without .git."""
+    """HEAD's short hash, "-dirty" appended when files git does not ignore differ from it (a
+    record of a tree others were editing is not a record of HEAD); RLPT_GIT_REV names it where
+    the tree is an export without .git (gpu_sweep.sh sets it, by the same rule, for its stages)."""
     if os.environ.get("RLPT_GIT_REV"):
         return os.environ["RLPT_GIT_REV"]
+    here = Path(__file__).parent
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=Path(__file__).parent, check=True)
-        return out.stdout.strip()
+                             text=True, cwd=here, check=True)
+        status = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=here)
+        return out.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -133,6 +150,7 @@ class Report:
             "device": device_name(self.device),
             "torch": torch.__version__,
             "triton": triton.__version__,
+            "baselines": baseline_versions(),
             "git": git_revision(),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "gpu": self.device.startswith("cuda"),

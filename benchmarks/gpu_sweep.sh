@@ -4,8 +4,10 @@
 #   bash benchmarks/fetch_wheels.sh                 # here, once: wheels the GPU image lacks -> .whl/
 #   device run (carry .whl): bash benchmarks/gpu_sweep.sh [STAGE ...]
 #   bash benchmarks/gpu_sweep.sh --dry-run [STAGE ...]   # on a CPU: the same stages at tiny sizes
-# The device copies the working tree as it is, others' unfinished edits included; to measure a
-# commit, export it (benchmarks/export_tree.sh -> .snap/, carried) and run the sweep from there.
+# The device copies the working tree as it is, others' unfinished edits included (records then say
+# git REV-dirty); to measure a commit, export it (benchmarks/export_tree.sh -> .snap/, carried) and
+# run the sweep from there: its REVISION names the commit, and ../.whl serves for its wheels.
+# A dry run appends its CPU records to $OUT/results/, never to benchmarks/results/.
 #
 # Stages (default: all, in this order; together about 14 minutes on an H100, more than one call
 # may run: split them, e.g. `tests rollout rollout_lora decode host` then `train memory7b kernels model`):
@@ -30,10 +32,20 @@ DRY=0; [ "${1:-}" = "--dry-run" ] && { DRY=1; shift; }
 STAGES=${*:-tests rollout rollout_lora decode host train memory7b kernels model}
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-REV=${RLPT_GIT_REV:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+# The revision every record names (common.git_revision's rule): an export's REVISION, else HEAD,
+# with -dirty when files git does not ignore differ from it (edits, new files).
+if [ -f REVISION ]; then REV=${RLPT_GIT_REV:-$(cat REVISION)}
+else REV=${RLPT_GIT_REV:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(
+       [ -n "$(git status --porcelain 2>/dev/null)" ] && echo -dirty)}
+fi
+export RLPT_GIT_REV=$REV
+RESULTS=benchmarks/results
+# A dry run shares a small CPU: OpenMP threads that spin while waiting would slow it several times.
+[ $DRY = 1 ] && { RESULTS=$OUT/results; mkdir -p "$RESULTS"; export RLPT_RESULTS_DIR=$RESULTS OMP_WAIT_POLICY=PASSIVE; }
+WHL=.whl; [ -d .whl ] || [ ! -d ../.whl ] || WHL=../.whl  # run from .snap/: the wheels beside it
 
 pack() {
-  cp benchmarks/results/*.jsonl "$LOGS/" 2>/dev/null
+  cp "$RESULTS"/*.jsonl "$LOGS/" 2>/dev/null
   $PY benchmarks/sweep_table.py --since-git "$REV" > "$OUT/table.txt" 2>&1
   tar czf "$OUT/sweep.tgz" -C "$LOGS" .
 }
@@ -47,17 +59,28 @@ stage() {  # stage NAME SECONDS CMD...
   tail -n 12 "$LOGS/$name.log" | cut -c1-400
   echo "=== $name: rc=$rc in $((SECONDS - t0))s ==="
   echo "$name $rc $((SECONDS - t0))" >> "$LOGS/stages.txt"
+  [ $rc = 0 ] || FAILED="$FAILED $name"
   pack
 }
+FAILED=
 
-if [ $DRY = 0 ] && ls .whl/*.whl >/dev/null 2>&1; then
+if [ $DRY = 0 ] && ls $WHL/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site $(ls .whl/*.whl | grep -v rlpt_fast) > "$LOGS/wheels.log" 2>&1 \
+      --target /tmp/site $(ls $WHL/*.whl | grep -v rlpt_fast) > "$LOGS/wheels.log" 2>&1 \
     && export PYTHONPATH=/tmp/site || { echo "wheel install failed"; tail -5 "$LOGS/wheels.log"; }
 fi
-# The project from this tree (no network: the image's own setuptools builds it).
-$PY -m pip install -q --no-index --no-deps --no-build-isolation -e . > "$LOGS/install.log" 2>&1 \
-  || { echo "editable install failed"; tail "$LOGS/install.log"; }
+# The project from this tree (no network: the image's own setuptools builds it, csrc/ included).
+# A dry run installs nothing: it runs in a shared development venv, where a reinstall would rebuild
+# csrc/ under others' running tests or repoint the venv; it says when that venv imports another tree.
+here=$(pwd -P)
+if [ $DRY = 0 ]; then
+  $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . > "$LOGS/install.log" 2>&1 \
+    || { echo "editable install failed"; tail "$LOGS/install.log"; }
+elif ! (cd / && $PY -c "import sys, rlpt_fast, rlpt_kernels; from pathlib import Path
+sys.exit(any(Path(m.__file__).resolve().parents[1] != Path('$here') for m in (rlpt_fast, rlpt_kernels)))") \
+     2>/dev/null; then
+  echo "WARNING: $PY does not import rlpt_fast / rlpt_kernels from $here: the dry run checks that install"
+fi
 $PY - <<'PY' | tee "$LOGS/env.txt"
 import torch, triton, transformers
 print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)
@@ -69,30 +92,32 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,power.limit,memor
 for s in $STAGES; do
   if [ $DRY = 1 ]; then
     case $s in
-      tests)    stage tests 300 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_gpu_bf16.py ;;
+      tests)    stage tests 300 $PY -m pytest -q -p no:cacheprovider -m gpu tests ;;  # all collected, all skipped
       rollout)  stage rollout 300 $PY benchmarks/bench_rollout.py --repeat 1 --new-tokens 64 ;;
       rollout_lora) stage rollout_lora 300 $PY benchmarks/bench_rollout.py --lora 64 --repeat 1 --new-tokens 64 ;;
       decode)   stage decode 120 $PY benchmarks/bench_decode_layer.py ;;
       host)     stage host 120 $PY benchmarks/profile_host.py --batch 2 --new-tokens 16 ;;
       train)    stage train 400 $PY benchmarks/bench_train_step.py ;;
-      memory7b) echo "memory7b: GPU only" ;;
-      kernels)  stage kernels 300 $PY benchmarks/bench_kernels.py ;;
+      memory7b) stage memory7b 300 $PY benchmarks/bench_train_step.py --memory-7b --steps 1 ;;  # the recipe, tiny
+      kernels)  stage kernels 300 env RLPT_KERNELS_BACKEND=triton TRITON_INTERPRET=1 \
+                  $PY benchmarks/bench_kernels.py --vocab 2048 --hidden 64 ;;  # the Triton launches
       model)    stage model 300 $PY benchmarks/bench_model.py ;;
-      *) echo "unknown stage $s" ;;
+      *) echo "unknown stage $s"; FAILED="$FAILED $s" ;;
     esac
   else
     case $s in
-      tests)    stage tests 80 $PY -m pytest -q -p no:cacheprovider --tb=short -m gpu tests ;;
+      tests)    stage tests 120 $PY -m pytest -q -p no:cacheprovider --tb=short --durations=8 -m gpu tests ;;
       rollout)  stage rollout 130 $PY benchmarks/bench_rollout.py ;;
       rollout_lora) stage rollout_lora 120 $PY benchmarks/bench_rollout.py --lora 64 ;;
       decode)   stage decode 90 $PY benchmarks/bench_decode_layer.py ;;
       host)     stage host 45 $PY benchmarks/profile_host.py ;;
       train)    stage train 200 $PY benchmarks/bench_train_step.py --steps 1 ;;  # TRL: ~60 s a step
-      memory7b) stage memory7b 65 $PY benchmarks/bench_train_step.py --memory-7b ;;
+      memory7b) stage memory7b 65 $PY benchmarks/bench_train_step.py --memory-7b --steps 1 ;;
       kernels)  stage kernels 80 $PY benchmarks/bench_kernels.py --tokens 4096 16384 ;;
       model)    stage model 120 $PY benchmarks/bench_model.py --models 3b --warmup 2 --repeat 5 ;;
-      *) echo "unknown stage $s" ;;
+      *) echo "unknown stage $s"; FAILED="$FAILED $s" ;;
     esac
   fi
 done
-cat "$OUT/table.txt"
+cat "$OUT/table.txt" 2>/dev/null
+[ -z "$FAILED" ] || { echo "stages that failed:$FAILED"; exit 1; }

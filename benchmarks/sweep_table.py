@@ -1,16 +1,18 @@
 """One screen: the newest record of each benchmark subject and its summary figures.
 
     python benchmarks/sweep_table.py [--since-git REV]
-Reads benchmarks/results/*.jsonl (each line one benchmark run, see common.Report) and prints,
-per subject, the device, date and every entry of the run's summary (the goals' ratios).
+Reads benchmarks/results/*.jsonl, or $RLPT_RESULTS_DIR's (each line one benchmark run, see
+common.Report) and prints, per subject, the device, date and every entry of the run's summary.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# the folder common.Report appends to (RLPT_RESULTS_DIR: a dry run's records, kept out of results/)
+RESULTS = Path(os.environ.get("RLPT_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 
 
 def newest_records(since_git: str | None) -> list[dict]:
