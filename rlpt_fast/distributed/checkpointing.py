@@ -12,7 +12,6 @@ filesystem every rank sees (one node: any local disk; several nodes: a shared on
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -60,9 +59,7 @@ def save_trainer_checkpoint(trainer) -> Path:
     dp.ctx.barrier()  # every rank's DCP file is written
     if dp.is_main:
         ckpt._fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        ckpt.replace_dir(tmp, final)  # a step saved again is renamed aside, never deleted in place
     dp.ctx.barrier()  # nobody reads `final` before it exists
     return final
 

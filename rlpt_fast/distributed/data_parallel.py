@@ -124,6 +124,14 @@ class DataParallel:
                                int(peak_mb * 2**20))
         return "\n".join([f"memory check ({'as planned' if ok else 'OFF PLAN'}):"] + ["  " + x for x in lines])
 
+    def fork_rng(self, seed: int) -> None:
+        """After the model is built (every rank drew the same initial weights): ranks other than 0
+        leave the shared torch stream, so their dropout masks differ from rank 0's and each other's
+        (with one stream every rank drew the same masks, over different data). Rank 0 keeps the
+        one-process stream. Checkpoints carry each rank's generator (state.py)."""
+        if self.ctx.rank > 0:
+            torch.manual_seed(seed * 1_000_003 + self.ctx.rank)
+
     # ------------------------------------------------------------------ data
     def my_indices(self, num_prompts: int, micro_batches: int) -> list[int]:
         """Indices into the step's global prompt list that this rank generates and trains on."""

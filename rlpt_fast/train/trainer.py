@@ -86,6 +86,8 @@ class Trainer:
         self.resume_from = ckpt.latest_checkpoint(self.output_dir) if resume else None
         self.rows = rows = training_rows(cfg, rows)  # before the model: bad data fails fast, naming each bad row
         self.stream = PromptStream(rows, cfg.train.seed, shuffle=cfg.data.shuffle, task_mix=cfg.data.task_mix)
+        # a batch that does not split across the ranks fails here, not at step 1 after the model loads
+        self.dist.my_indices(cfg.train.prompts_per_step * cfg.train.grad_accum, cfg.train.grad_accum)
         if self.resume_from is not None:  # a corrupt checkpoint or changed data fails here, not after the model loads
             self._check_resume()
         self.reward_fn = reward_fn or (import_reward(cfg.grpo.reward_fn) if cfg.grpo.reward_fn
@@ -93,6 +95,7 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.model, self.ref_model = build_models(cfg, self.device, self.dtype, model, self.resume_from)
         self.model = self.dist.wrap(self.model, lora=cfg.lora.enabled)  # FSDP2, or adapters from rank 0
+        self.dist.fork_rng(cfg.train.seed)  # LoRA dropout: each rank its own masks
         self.ref_model = self.dist.wrap_reference(self.ref_model)
         self.dtype, self.device = self.model.dtype, self.model.device
         self.sampling_overrides: dict = {}

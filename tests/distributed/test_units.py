@@ -110,3 +110,23 @@ def test_memory_plan_from_cost_accounting(dist_ckpt):
     head = model.lm_head.weight.numel() * 4
     assert (rep.strategy, rep.weights, rep.gradients, rep.optimizer) == ("replicate", w + v, head, 2 * head)
     assert torch.is_tensor(model.lm_head.weight)
+
+
+def test_fork_rng_gives_each_rank_its_own_dropout_stream_and_keeps_rank_0s():
+    """Every rank builds the model from one seed; after that, ranks > 0 leave the shared stream so
+    LoRA dropout draws different masks per rank, while rank 0 continues the one-process stream."""
+    from rlpt_fast.distributed.context import DistContext
+    from rlpt_fast.distributed.data_parallel import DataParallel
+
+    draws = []
+    for rank in range(3):
+        dp = DataParallel("cpu")
+        dp.ctx = DistContext(rank=rank, world_size=3, backend="gloo")  # no process group needed here
+        torch.manual_seed(7)
+        torch.rand(5)  # the model's initial weights: the same on every rank
+        dp.fork_rng(7)
+        draws.append(torch.rand(1000) < 0.5)  # a dropout mask
+    torch.manual_seed(7)
+    torch.rand(5)
+    assert torch.equal(draws[0], torch.rand(1000) < 0.5)  # rank 0 = one process
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
