@@ -141,6 +141,9 @@ class DecodeGraphs:
     def _record(self, fn):
         """Warm-up call of fn (compiles kernels, settles the allocator), then fn captured into a
         CUDA graph in the shared pool. Returns (graph, fn's output in the pool)."""
+        if self.runner.device.type != "cuda":  # (tests replace this method to replay on the CPU)
+            raise ValueError(f"EngineConfig.cuda_graphs=True needs the model on a CUDA device; it is on "
+                             f"{self.runner.device} (None captures on CUDA only)")
         fn()
         torch.cuda.synchronize(self.runner.device)
         graph = torch.cuda.CUDAGraph()

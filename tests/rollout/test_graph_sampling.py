@@ -192,6 +192,36 @@ def test_steady_decode_step_writes_nothing_into_the_static_buffers(model, fake_g
     assert_same(got, want)
 
 
+def test_cuda_graphs_on_the_cpu_is_refused_by_name(model):
+    with pytest.raises(ValueError, match="cuda_graphs=True needs the model on a CUDA device; it is on cpu"):
+        Engine(model, **KW, cuda_graphs=True)
+
+
+def test_a_graphed_call_that_raises_mid_decode_leaves_the_next_call_exact(model, fake_graphs, monkeypatch):
+    """A decode step that fails after loading the sampling buffers and before the replays (the
+    device's column counter not advanced, the host's next_column already moved on): the next
+    call samples what a fresh engine samples."""
+    engine = Engine(model, **KW, cuda_graphs=True)
+    params = CASES["top-k-top-p"]
+    real_load = cuda_graphs.DecodeGraphs._load_sampling
+    loads = []
+
+    def failing_load(self, *args):
+        real_load(self, *args)
+        loads.append(1)
+        if len(loads) == 3:
+            raise RuntimeError("injected fault in a decode step")
+
+    monkeypatch.setattr(cuda_graphs.DecodeGraphs, "_load_sampling", failing_load)
+    with pytest.raises(RuntimeError, match="injected fault"):
+        engine.generate(requests(model.config), params)
+    assert engine.runner.graphs.next_column is not None  # the failed step's host state is stale
+    got = engine.generate(requests(model.config), params)
+    want = Engine(model, **KW, cuda_graphs=True).generate(requests(model.config), params)
+    assert [[c.token_ids for c in o] for o in got] == [[c.token_ids for c in o] for o in want]
+    assert [[c.logprobs for c in o] for o in got] == [[c.logprobs for c in o] for o in want]
+
+
 @pytest.mark.gpu
 def test_real_cuda_graphs_sample_as_the_eager_gpu_path(ckpt25):
     """On the GPU: sampler graphs really captured (three code paths, two buckets) give the eager
