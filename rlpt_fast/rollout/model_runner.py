@@ -90,7 +90,8 @@ class ModelRunner:
         positions, delta = self.model.rope_positions(ids, grid)
         embeds = None
         if request.pixel_values is not None:
-            embeds = self.model.encode_images(request.pixel_values.to(self.device), grid)
+            # host pixels: encode_images hashes them where they are and moves only unseen images
+            embeds = self.model.encode_images(request.pixel_values, grid)
         cumsum = [0, *(ids == self.image_token_id).cumsum(0).tolist()]
         if cumsum[-1] != (0 if embeds is None else embeds.shape[0]):  # else prefill fails, mid-call
             raise ValueError(f"{cumsum[-1]} image tokens but its images give "

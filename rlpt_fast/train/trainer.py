@@ -184,7 +184,7 @@ class Trainer:
             check_prompt_length(self.rows[idx], p, self.engine.config.max_model_len)
             prompts.append(p)
             embeds.append(None if p.pixel_values is None else
-                          self.model.encode_images(p.pixel_values.to(self.device), p.image_grid_thw))
+                          self.model.encode_images(p.pixel_values, p.image_grid_thw))  # host pixels (see the model)
         requests = [Request(p.input_ids, p.pixel_values, p.image_grid_thw) for p in prompts]
         params = [SamplingParams(n=g.num_generations, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
                                  max_tokens=g.max_new_tokens,

@@ -48,6 +48,24 @@ def test_image_cache_encodes_each_distinct_image_once(model, monkeypatch):
     assert len(calls) == 2
 
 
+@pytest.mark.gpu
+def test_host_pixels_are_hashed_on_the_host_and_only_unseen_images_moved(tiny_ckpt, monkeypatch):
+    """A model on the GPU takes host pixels (what the engine and the trainer pass): the cache key
+    is computed without a device round trip, the tower sees device pixels of the new images only."""
+    gpu = load_model(tiny_ckpt, dtype=torch.float32, device="cuda")
+    px_a, grid_a = _pixels(gpu, [[1, 4, 6]], seed=1)
+    px_b, grid_b = _pixels(gpu, [[1, 8, 4]], seed=2)
+    with torch.no_grad():
+        want = gpu.model.visual(torch.cat([px_a, px_b]).cuda(), torch.cat([grid_a, grid_b]))
+    gpu.encode_images(px_a, grid_a)
+    seen = []
+    real = gpu.model.visual.forward
+    monkeypatch.setattr(gpu.model.visual, "forward", lambda p, g: seen.append((p.device.type, p.shape[0])) or real(p, g))
+    got = gpu.encode_images(torch.cat([px_a, px_b]), torch.cat([grid_a, grid_b]))
+    assert seen == [("cuda", 32)] and got.device.type == "cuda"
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)  # batch composition may round differently
+
+
 def test_causal_attention_keeps_sequences_apart():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(9, h, 8, generator=g) for h in (4, 2, 2))
