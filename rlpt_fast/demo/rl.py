@@ -46,11 +46,12 @@ class RLConfig:
     non-name % of the base -> after): lr 1.5e-3 99.953 -> 99.931, 99.941 -> 99.941,
     100.0 -> 99.977, 99.940 -> 99.949; lr 7.5e-4 99.953, 99.941, 100.0, 99.942 (no loss on
     any; F1 99.86 / 99.31 / 100.0 / 99.96). Also without loss there: LoRA on lm_head only;
-    beta 1.2 still lost on the first base. `rlpt demo` at the defaults (lr 7.5e-4): seed 0,
-    2 threads, 99.95 -> 99.95 (F1 0.0 -> 99.86); seeds 1 / 2 (1 thread) 100.0 -> 99.97 and
+    beta 1.2 still lost on the first base. `rlpt demo` with a 1200-step warm start (lr 7.5e-4):
+    seed 0, 2 threads, 99.95 -> 99.95 (F1 0.0 -> 99.86); seeds 1 / 2 (1 thread) 100.0 -> 99.97 and
     99.95 -> 99.88 (F1 99.93 / 99.49): a few 4-concept captions near a decision boundary flip
     under any small change of the weights (at lr 3e-4 seed 2 read 99.91 with F1 still 0), and
-    neither lm_head-only LoRA (99.91) nor scale_rewards "none" (99.88) kept them."""
+    neither lm_head-only LoRA (99.91) nor scale_rewards "none" (99.88) kept them; the 1600-step
+    warm start did at seed 2 (figures in BaseModelConfig)."""
     steps: int = 30
     prompts_per_step: int = 8
     num_generations: int = 16

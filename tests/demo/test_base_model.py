@@ -30,10 +30,16 @@ def test_padded_causal_attention_equals_per_sequence_sdpa():
     g = torch.Generator().manual_seed(0)
     lens = [5, 1, 9, 3]
     n = sum(lens)
-    q, k, v = (torch.randn(n, h, 8, generator=g) for h in (4, 2, 2))
+    q, k, v = (torch.randn(n, h, 8, generator=g, requires_grad=True) for h in (4, 2, 2))
     cu = torch.tensor([0, 5, 6, 15, 18])
+    up = torch.randn(n, 4, 8, generator=g)
     ref = causal_attention(cu)(0, q, k, v)
-    torch.testing.assert_close(padded_causal_attention(cu)(0, q, k, v), ref, rtol=1e-5, atol=1e-6)
+    ref_grads = torch.autograd.grad((ref * up).sum(), (q, k, v))
+    out = padded_causal_attention(cu)(0, q, k, v)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    # the padding (copies of the last token) must not leak gradient into real keys and values
+    for got, want in zip(torch.autograd.grad((out * up).sum(), (q, k, v)), ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_caption_loss_equals_packed_forward(setup):
