@@ -48,13 +48,13 @@ class BaseModelConfig:
     99.95 -> 99.93 (2 threads); 1600 scenes x 900 steps 100.0 -> 99.98; personal_rate 0.4
     (1600 scenes) 100.0 -> 99.91 (F1 before 0.8). At the final GRPO lr 7.5e-4 (`rlpt demo`,
     655 / 641 / 647 held-out queries at seeds 0 / 1 / 2; seed 0 with 2 threads, seeds 1 and 2
-    with 1): 1200 steps
-    99.95 -> 99.95, 100.0 -> 99.97, 99.95 -> 99.88; 1600 steps 99.98 -> 99.98, 100.0 -> 100.0,
-    100.0 -> 99.99 (F1 after 99.86 / 100.0 / 99.96). The seed-2 loss at 1200 steps was a look
-    error in the base's named captions: a 4-concept caption's last slot described the cast's last
-    concept ("a purple dotted cross, <Lonaqui>") in place of the scene's; greedy generic captions
-    had it right, and GRPO only switches the model to naming (20 and 30 GRPO steps gave identical
-    captions), so the margin has to come from the warm start. Those figures are from masked-matmul
+    with 1): 1200 steps 99.95 -> 99.95, 100.0 -> 99.97, 99.95 -> 99.88; 1600 steps
+    99.98 -> 99.98, 100.0 -> 100.0, 100.0 -> 99.99 (F1 after 99.86 / 100.0 / 99.96). The
+    seed-2 loss at 1200 steps was a look error in the base's named captions: a 4-concept
+    caption's last slot described the cast's last concept ("a purple dotted cross, <Lonaqui>")
+    in place of the scene's; greedy generic captions had it right, and GRPO only switches the
+    model to naming (20 and 30 GRPO steps gave identical captions), so the margin has to come
+    from the warm start. Those figures are from masked-matmul
     attention in the warm start; with SDPA's causal kernel (teacher_forcing.py, twice as fast, other
     rounding) 1600 steps read 99.98 -> 99.98 (F1 99.86, `rlpt demo` 344 s), 100.0 -> 99.95 (F1
     99.86: 4 of 641 captions drop one object of the same 3-concept combination) and 100.0 -> 99.99
