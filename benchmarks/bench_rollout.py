@@ -263,7 +263,8 @@ def main() -> None:
     eng = best[variants[0][0]]
     summary = dict(engine_tokens_per_s=generated / eng["wall_s"], decode_step_over_floor=eng["decode_step_ms"] / floor,
                    decode_step_over_shared_floor=eng["decode_step_ms"] / shared_floor, repeats=args.repeat,
-                   cascade=not args.no_cascade)
+                   cascade=not args.no_cascade, engine_wall_s=eng["wall_s"],
+                   **{f"engine_{k}": eng[k] for k in ("setup_s", "prefill_s", "decode_s")})
     if args.lora:
         steps = {name: run["decode_step_ms"] for name, run in best.items()}
         summary.update(lora_rank=args.lora, decode_step_ms=steps,
