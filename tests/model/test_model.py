@@ -48,6 +48,34 @@ def test_image_cache_encodes_each_distinct_image_once(model, monkeypatch):
     assert len(calls) == 2
 
 
+def test_a_pixel_tensor_is_hashed_once_until_it_changes(model, monkeypatch):
+    """The trainer and the engine encode the same prompt tensors in a step: the second call reuses
+    the first's keys. A tensor modified in place, or another tensor, is hashed again, and an
+    inference tensor (no version counter) is always hashed."""
+    import rlpt_fast.model.model as model_module
+
+    hashed = []
+    real = model_module._image_key
+    monkeypatch.setattr(model_module, "_image_key", lambda p, g: hashed.append(g) or real(p, g))
+    model.clear_image_cache()
+    px, grid = _pixels(model, [[1, 4, 6], [1, 8, 4]], seed=3)
+    first = model.encode_images(px, grid)
+    assert len(hashed) == 2
+    torch.testing.assert_close(model.encode_images(px, grid), first, atol=0, rtol=0)
+    assert len(hashed) == 2  # same object, same version: no hashing
+    model.encode_images(px.clone(), grid)
+    assert len(hashed) == 4  # another object: hashed (and found in the embedding cache)
+    px[:24].add_(1.0)  # the first image changed in place
+    changed = model.encode_images(px, grid)
+    assert len(hashed) == 6
+    assert not torch.equal(changed[:6], first[:6]) and torch.equal(changed[6:], first[6:])
+    with torch.inference_mode():
+        frozen = px.clone()
+    model.encode_images(frozen, grid)
+    model.encode_images(frozen, grid)
+    assert len(hashed) == 10
+
+
 @pytest.mark.gpu
 def test_host_pixels_are_hashed_on_the_host_and_only_unseen_images_moved(tiny_ckpt, monkeypatch):
     """A model on the GPU takes host pixels (what the engine and the trainer pass): the cache key
