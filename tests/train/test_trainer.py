@@ -195,3 +195,21 @@ def test_grad_accumulation_equals_one_big_batch(make_config, loss_type):
     assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-4)
     for n in w1:
         torch.testing.assert_close(w1[n], w2[n], atol=1e-6, rtol=1e-5)
+
+
+def test_a_step_hashes_each_prompt_image_once(make_config, monkeypatch):
+    """The trainer encodes the step's images and the engine is handed the same tensors: their
+    content keys are computed once (model._image_keys), not again by the engine."""
+    import rlpt_fast.model.model as model_module
+
+    tr = Trainer(make_config("--train.prompts_per_step=2"))
+    hashed = []
+    real = model_module._image_key
+    monkeypatch.setattr(model_module, "_image_key", lambda p, g: hashed.append(g) or real(p, g))
+    encoded = []
+    real_encode = tr.model.encode_images
+    monkeypatch.setattr(tr.model, "encode_images", lambda px, grid: encoded.append(len(grid)) or real_encode(px, grid))
+    tr.step()
+    images = sum(len(r.prompt.image_grid_thw) for r in tr.last_rollouts if r.prompt.pixel_values is not None)
+    assert images > 0 and len(encoded) >= 2 * len(tr.last_rollouts)  # trainer and engine both encode
+    assert len(hashed) == images
