@@ -42,15 +42,17 @@ def baseline_versions() -> str:
 
 def git_revision() -> str:
     """HEAD's short hash, "-dirty" appended when files git does not ignore differ from it (a
-    record of a tree others were editing is not a record of HEAD); RLPT_GIT_REV names it where
-    the tree is an export without .git (gpu_sweep.sh sets it, by the same rule, for its stages)."""
+    record of a tree others were editing is not a record of HEAD), records under results/ aside:
+    one benchmark's new record does not make the next one's code dirty. RLPT_GIT_REV names it
+    where the tree is an export without .git (gpu_sweep.sh sets it, by the same rule)."""
     if os.environ.get("RLPT_GIT_REV"):
         return os.environ["RLPT_GIT_REV"]
     here = Path(__file__).parent
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, cwd=here, check=True)
-        status = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=here)
+        status = subprocess.run(["git", "status", "--porcelain", "--", ":/", ":(top,exclude)benchmarks/results"],
+                                capture_output=True, text=True, cwd=here)
         return out.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
