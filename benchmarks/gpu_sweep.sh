@@ -33,10 +33,10 @@ STAGES=${*:-tests rollout rollout_lora decode host train memory7b kernels model}
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 # The revision every record names (common.git_revision's rule): an export's REVISION, else HEAD,
-# with -dirty when files git does not ignore differ from it (edits, new files).
+# with -dirty when files git does not ignore differ from it (edits, new files; records aside).
 if [ -f REVISION ]; then REV=${RLPT_GIT_REV:-$(cat REVISION)}
 else REV=${RLPT_GIT_REV:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(
-       [ -n "$(git status --porcelain 2>/dev/null)" ] && echo -dirty)}
+       [ -n "$(git status --porcelain -- ':/' ':(top,exclude)benchmarks/results' 2>/dev/null)" ] && echo -dirty)}
 fi
 export RLPT_GIT_REV=$REV
 RESULTS=benchmarks/results
