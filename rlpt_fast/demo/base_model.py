@@ -32,42 +32,17 @@ from .world import DemoWorld, corpus, question, scene_keys, warm_start_captions
 
 @dataclass
 class BaseModelConfig:
-    """Size of the tiny model and its warm start.
-
-    personal_rate: fraction of warm-start captions that name the concepts (0 leaves RL nothing
-    to reinforce: sampling never finds a name). steps x batch prompts of teacher forcing at
+    """Size of the tiny model and its warm start: steps x batch prompts of teacher forcing at
     AdamW lr (cosine to 10%).
 
-    steps: GRPO moves the model from its generic captions to its named ones, so the non-name
-    words after GRPO are only as good as the named captions the warm start taught. On the 171
-    RL training scenes alone (~84 passes at 900 steps) the base half memorized them (non-name
-    accuracy 99.1 on its training scenes, 98.1 held out, seed 1) and GRPO's named captions
-    came with their own wrong looks in 4-concept scenes; DemoConfig.pretrain_scenes fixed that.
-    With 800 pretraining scenes, seed 0, 655 held-out queries (non-name % before -> after GRPO
-    at lr 1.5e-3): 900 steps 99.88 -> 99.87, 1200 steps 99.94 -> 99.94 (1 thread) and
-    99.95 -> 99.93 (2 threads); 1600 scenes x 900 steps 100.0 -> 99.98; personal_rate 0.4
-    (1600 scenes) 100.0 -> 99.91 (F1 before 0.8). At the final GRPO lr 7.5e-4 (`rlpt demo`,
-    655 / 641 / 647 held-out queries at seeds 0 / 1 / 2; seed 0 with 2 threads, seeds 1 and 2
-    with 1): 1200 steps 99.95 -> 99.95, 100.0 -> 99.97, 99.95 -> 99.88; 1600 steps
-    99.98 -> 99.98, 100.0 -> 100.0, 100.0 -> 99.99 (F1 after 99.86 / 100.0 / 99.96). The
-    seed-2 loss at 1200 steps was a look error in the base's named captions: a 4-concept
-    caption's last slot described the cast's last concept ("a purple dotted cross, <Lonaqui>")
-    in place of the scene's; greedy generic captions had it right, and GRPO only switches the
-    model to naming (20 and 30 GRPO steps gave identical captions), so the margin has to come
-    from the warm start. Those figures are from masked-matmul
-    attention in the warm start; with SDPA's causal kernel (teacher_forcing.py, twice as fast, other
-    rounding) 1600 steps read 99.98 -> 99.98 (F1 99.86, `rlpt demo` 344 s), 100.0 -> 99.95 (F1
-    99.86: 4 of 641 captions drop one object of the same 3-concept combination) and 100.0 -> 99.99
-    (F1 99.96); 2000 steps did no better on seeds 1 / 2 (100.0 -> 99.97, 99.93 -> 99.93): at this
-    level a few captions flip with the rounding. Earlier, on the memorizing base: 3 layers,
-    a 3x loss weight on named captions, references in a random order, cosine to 1%, each scene
-    repeated per concept and hidden 128 did not help.
-
+    personal_rate: fraction of warm-start captions that name the concepts (0 leaves RL nothing
+    to reinforce: sampling never finds a name).
+    steps: GRPO moves the model from its generic captions to its named ones, so the words after
+    GRPO are only as good as the named captions the warm start taught; 1600 steps gave the
+    margin that 1200 lacked at seed 2 (TUNING.md).
     ema: 0 = the warm start ends on its last weights; d in (0, 1) = on an exponential moving
-    average of them (Polyak averaging, decay d). Not the default: on the memorizing base (no
-    pretraining scenes, 116 queries) EMA 0.99 read 99.59 -> 99.74 at seed 0 on 1 thread but
-    99.71 -> 99.59 with 2 threads: float rounding flipped which 4-concept captions came out
-    right."""
+    average of them (Polyak averaging, decay d). Off: it helped on 1 thread and hurt on 2
+    (TUNING.md)."""
     hidden_size: int = 96
     intermediate_size: int = 192
     num_hidden_layers: int = 2

@@ -26,21 +26,10 @@ class DemoConfig:
     (the last ones) are held out. pretrain_scenes: further scenes of the cast that only the
     warm start sees (DemoWorld.pretrain_scenes).
 
-    960 scenes with 80% held out give 655 held-out queries at seed 0 (641 / 647 at seeds 1 / 2;
-    scenes without a concept make none) and the same 192 training scenes as 240 with 20%:
-    scenes are drawn in sequence, so the training prefix does not depend on the scene count.
-    With 116 queries one 4-concept caption moved the non-name accuracy by ~0.07 points, and
-    which ones came out right flipped with float rounding (1 vs 2 threads).
-
-    pretrain_scenes: with the warm start on the 171 training scenes alone (~84 passes over
-    them) the base model half memorized them: non-name accuracy 99.1 on its training scenes,
-    98.1 on held-out ones (seed 1), its errors a wrong look in 4-concept captions, and GRPO's
-    named captions inherited their own set of such errors (held-out non-name accuracy before
-    -> after GRPO, 655 / 641 / 647 queries, seeds 0 / 1 / 2: 99.58 -> 99.47, 98.06 -> 98.53,
-    98.55 -> 98.49, whatever the GRPO settings: KL k2, beta 1.5, dr_grpo, lr 5e-4 x 60 steps,
-    LoRA on lm_head only all ended within 0.2 of these). With 800 more scenes the base
-    generalizes (99.88-100.0 held out at seed 0); see BaseModelConfig.steps and RLConfig.lr
-    for the rest of the loss."""
+    960 scenes with 80% held out give 655 held-out queries at seed 0 and the same 192 training
+    scenes as 240 with 20% (scenes are drawn in sequence). Without pretraining scenes the warm
+    start half memorized the 171 training scenes and GRPO's named captions inherited its errors,
+    whatever the GRPO settings; with 800 the base generalizes (TUNING.md)."""
     out_dir: Path = Path("rlpt-demo")
     seed: int = 0
     threads: int = 2

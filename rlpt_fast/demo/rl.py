@@ -32,26 +32,10 @@ class RLConfig:
     temperature 1, RePIC-exact rewards). LoRA on every Linear outside the vision tower, as RePIC,
     at a rank and learning rate suited to a 100K-parameter model.
 
-    Non-name words (seed 0, greedy, % on the held-out queries; the loss of earlier defaults came
-    from the warm start, see BaseModelConfig.steps): G = 16 rather than 8 kept more of them on
-    the same base model (after GRPO 98.6 -> 99.0; k2 instead of k3: 98.6 -> 98.8), while 90 steps
-    or temperature 0.7 changed nothing. 8 prompts per step rather than 4: 30 steps then see 240
-    prompts, every training row (171 at seed 0) at least once instead of 120 of them (after
-    GRPO 99.62 -> 99.76 on the 900-step base, generic captions 99.78; beta 1.0 / 1.5: 99.55 /
-    99.64 with F1 97 / 83).
-
-    lr: on bases that caption (almost) without error (800 or 1600 pretraining scenes, see
-    DemoConfig), the remaining loss was GRPO's own: a few 4-concept named captions repeating a
-    look. GRPO alone on four such bases (seeds 0, 0, 0, 1; 655 / 641 held-out queries;
-    non-name % of the base -> after): lr 1.5e-3 99.953 -> 99.931, 99.941 -> 99.941,
-    100.0 -> 99.977, 99.940 -> 99.949; lr 7.5e-4 99.953, 99.941, 100.0, 99.942 (no loss on
-    any; F1 99.86 / 99.31 / 100.0 / 99.96). Also without loss there: LoRA on lm_head only;
-    beta 1.2 still lost on the first base. `rlpt demo` with a 1200-step warm start (lr 7.5e-4):
-    seed 0, 2 threads, 99.95 -> 99.95 (F1 0.0 -> 99.86); seeds 1 / 2 (1 thread) 100.0 -> 99.97 and
-    99.95 -> 99.88 (F1 99.93 / 99.49): a few 4-concept captions near a decision boundary flip
-    under any small change of the weights (at lr 3e-4 seed 2 read 99.91 with F1 still 0), and
-    neither lm_head-only LoRA (99.91) nor scale_rewards "none" (99.88) kept them; the 1600-step
-    warm start did at seed 2 (figures in BaseModelConfig)."""
+    Where they differ from RePIC, it is for the non-name words (evidence in TUNING.md): a reward
+    on names alone lets them drift, so the KL term is far stronger (beta 0.6; 1.0 and 1.5 cost
+    F1); G = 16 kept more of them than 8; 8 prompts per step let 30 steps see every training
+    row; lr 7.5e-4 is the rate at which GRPO alone lost nothing on four near-perfect bases."""
     steps: int = 30
     prompts_per_step: int = 8
     num_generations: int = 16
