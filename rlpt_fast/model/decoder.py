@@ -3,7 +3,9 @@
 Flat over tokens: hidden states are (N, H) for N concatenated tokens; the attention function
 passed to `forward_hidden` owns masking, KV caching and the GQA head mapping. Module and parameter
 names follow transformers 5 (`layers.{i}.self_attn.q_proj`, ...) so checkpoints and PEFT adapter
-keys line up, and every projection is an nn.Linear called as a module so LoRA can wrap it.
+keys line up, and every projection is an nn.Linear so LoRA can wrap it. Where their weights are
+packed (packed_linear.py: the engine packs them) and no gradient is needed for them, q/k/v and
+gate/up each run as one GEMM on either path; otherwise each projection is called as a module.
 
 Two ways through the layers, chosen once per forward (`use_fused_ops`):
 - eager: transformers' ops one by one; the only path autograd sees (training, gradient checkpointing).
@@ -27,6 +29,7 @@ from rlpt_kernels.backend import backend_for
 
 from .attention import AttentionFn
 from .config import ModelConfig
+from .packed_linear import project
 from .rope import apply_rotary_tables, mrope_cos_sin, rotary_tables
 
 
@@ -54,6 +57,8 @@ class RMSNorm(nn.Module):
 
 
 class SelfAttention(nn.Module):
+    PACKED_PROJECTIONS = (("q_proj", "k_proj", "v_proj"),)  # packed_linear.pack_projections
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
@@ -67,9 +72,10 @@ class SelfAttention(nn.Module):
                 layer_idx: int, fused: bool = False) -> torch.Tensor:
         """cos, sin: rope.rotary_tables (N, 1, D). fused: q and k rotated by one kernel."""
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))  # views of one GEMM's output when packed
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
         if fused:
             q, k = rlpt_kernels.rotary(q, k, cos, sin)
         else:
@@ -81,6 +87,8 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
+    PACKED_PROJECTIONS = (("gate_proj", "up_proj"),)
+
     def __init__(self, hidden: int, inner: int):
         super().__init__()
         self.gate_proj = nn.Linear(hidden, inner, bias=False)
@@ -88,7 +96,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inner, hidden, bias=False)
 
     def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = project(x, (self.gate_proj, self.up_proj))
         return self.down_proj(rlpt_kernels.silu_mul(gate, up) if fused else F.silu(gate) * up)
 
 

@@ -122,7 +122,11 @@ class LoRALinear(nn.Module):
         return F.linear(self.lora_dropout(x), self.lora_A.weight.to(x.dtype)) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
+        return self.add_adapter(self.base_layer(x), x)
+
+    def add_adapter(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y + the adapter's output on x, for y = base_layer(x) (or its slice of a packed GEMM's
+        output, packed_linear.py); in place on y on the pinned inference path."""
         if self.disabled:
             return y
         cache = self.inference_cache

@@ -70,9 +70,11 @@ def _copy_into(dst: torch.Tensor | None, src: torch.Tensor, dtype: torch.dtype) 
 
 def add_low_rank_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """y (..., out) += (x (..., in) @ a.T) @ b.T, a (r, in) and b (out, r) in y's dtype; returns y.
-    In place on y (a fresh base output), so the sum is addmm's beta=1 epilogue, not another kernel."""
+    In place on y (a fresh base output, or its column slice of a packed GEMM's output: rows strided,
+    last dim contiguous), so the sum is addmm's beta=1 epilogue, not another kernel."""
     low = x.reshape(-1, x.shape[-1]) @ a.t()  # (N, r)
-    if y.is_contiguous():
-        y.view(-1, y.shape[-1]).addmm_(low, b.t())
+    rows = y if y.dim() == 2 else (y.view(-1, y.shape[-1]) if y.is_contiguous() else None)
+    if rows is not None and rows.stride(-1) == 1:
+        rows.addmm_(low, b.t())
         return y
     return torch.addmm(y.reshape(-1, y.shape[-1]), low, b.t()).view(y.shape)

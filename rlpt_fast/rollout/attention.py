@@ -62,7 +62,7 @@ def paged_attention(kv_cache: torch.Tensor, backend: Backend, meta: DecodeMeta |
             k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, rows, k)
             v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, rows, v)
         else:
-            backend.store_kv(k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping)
+            backend.store_kv(k, v, k_cache, v_cache, slot_mapping)
         if prefill is not None:
             return prefill_attention(q, k, v, k_cache, v_cache, prefill, scale)
         if backend.name == "triton" and meta.groups is not None:

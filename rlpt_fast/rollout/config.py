@@ -19,7 +19,9 @@ class EngineConfig:
     cuda_graphs: capture decode per batch-size bucket (None: on CUDA). attention_backend: "triton"
     (paged Triton kernels), "torch" (references) or "auto" (Triton on CUDA, torch elsewhere).
     cascade_decode: the samples of one prompt read its shared KV blocks once per decode step
-    (cascade_attention.py) instead of once per sample."""
+    (cascade_attention.py) instead of once per sample. pack_projections: move each layer's q/k/v
+    and gate/up weights into one tensor apiece (the same Parameters, values unchanged) so every
+    gradient-free forward runs one GEMM for each group (model/packed_linear.py)."""
     block_size: int = 16
     num_blocks: int | None = None
     kv_cache_bytes: int | None = None
@@ -33,6 +35,7 @@ class EngineConfig:
     cuda_graphs: bool | None = None
     attention_backend: Literal["auto", "triton", "torch"] = "auto"
     cascade_decode: bool = True
+    pack_projections: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):

@@ -18,6 +18,12 @@ per adapted Linear) and pins it for the call. A graph replay runs no Python and 
 this refresh is what makes the next generate after an optimizer step use the new adapter weights.
 Capture runs in eval mode too, so an engine built on a model in train mode records no LoRA dropout.
 
+Packed projections (EngineConfig.pack_projections): building an engine moves each decoder layer's
+q/k/v weights into one tensor and its gate/up weights into another (the same Parameter objects,
+values unchanged; model/packed_linear.py), so a decode step runs 2 GEMMs where it ran 5 per layer.
+The optimizer keeps updating those tensors in place; `recapture` packs again after parameters were
+replaced.
+
 engine.stats (running totals): prefill_tokens (tokens computed by prefill, recomputation after
 preemption included, prefix-cache hits excluded), decode_tokens, preemptions, generated_tokens,
 prefill_steps / decode_steps and prefill_seconds / decode_seconds (host clock; each step ends with
@@ -32,6 +38,7 @@ from contextlib import contextmanager
 import torch
 
 from rlpt_fast.model.lora import pinned_lora_caches
+from rlpt_fast.model.packed_linear import pack_projections
 from rlpt_fast.rollout.block_manager import BlockManager
 from rlpt_fast.rollout.config import EngineConfig
 from rlpt_fast.rollout.model_runner import ModelRunner
@@ -45,6 +52,8 @@ class Engine:
         """config: the fields of EngineConfig (block_size, num_blocks, max_num_seqs, ...)."""
         self.config = EngineConfig(**config)
         self.model = model
+        if self.config.pack_projections:
+            pack_projections(model)  # before any graph is captured over the weights
         with self._inference():  # the runner captures CUDA graphs over the LoRA caches
             self.runner = ModelRunner(model, self.config)
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
@@ -62,7 +71,10 @@ class Engine:
         return self.runner.num_blocks
 
     def recapture(self) -> None:
-        """Re-record the decode CUDA graphs (after parameters were replaced, not updated in place)."""
+        """Re-record the decode CUDA graphs (after parameters were replaced, not updated in place),
+        packing the projections again first (replacing their data unpacked them)."""
+        if self.config.pack_projections:
+            pack_projections(self.model)
         if self.runner.graphs is not None:
             with self._inference():
                 self.runner.graphs.capture()

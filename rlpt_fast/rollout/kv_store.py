@@ -40,16 +40,21 @@ def _store_kv_kernel(K, V, K_cache, V_cache, Slots, stride_kn, stride_vn,
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Triton version of `store_kv_reference` (same arguments). No host sync: CUDA-graph safe."""
+    """Triton version of `store_kv_reference` (same arguments). No host sync: CUDA-graph safe.
+    k and v are read in place when each token's (Hkv, D) block is contiguous (the token stride is
+    free: v is a column slice of the packed q/k/v GEMM's output), else copied first."""
     _check(k, v, k_cache, v_cache, slot_mapping)
     n, hkv, d = k.shape
     if n == 0:
         return
-    assert k.stride(2) == 1 and k.stride(1) == d and v.stride(2) == 1 and v.stride(1) == d, \
-        "store_kv: each token's (Hkv, D) block of k and v must be contiguous"
+    k, v = _token_rows(k), _token_rows(v)
     row = hkv * d
     _store_kv_kernel[(n,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
                            ROW=row, BLOCK=triton.next_power_of_2(row))
+
+
+def _token_rows(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(2) == 1 and t.stride(1) == t.shape[2] else t.contiguous()
 
 
 def _check(k, v, k_cache, v_cache, slot_mapping) -> None:

@@ -7,6 +7,7 @@ import torch
 
 import rlpt_kernels
 from rlpt_fast.model import load_model
+from rlpt_fast.model.packed_linear import pack_projections
 from rlpt_fast.rollout import Engine, Request, SamplingParams
 from rlpt_fast.testing import write_tiny_checkpoint
 
@@ -55,6 +56,8 @@ def test_fused_logits_match_eager_with_an_image(tiny_ckpt, launches, monkeypatch
     # layer 0's input norm alone, then every other norm with the residual add before it
     assert launches == {"rms_norm": 1, "add_rms_norm": 2 * layers, "silu_mul": layers, "rotary": layers}
     torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+    assert pack_projections(model) == 2 * layers  # the kernels then read column slices of q/k/v, gate/up
+    torch.testing.assert_close(_logits(model, ids, pixels, grid, "triton", monkeypatch), eager, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_logits_match_eager_at_odd_shapes(tmp_path, monkeypatch):

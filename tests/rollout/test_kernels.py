@@ -92,6 +92,24 @@ def test_store_kv_writes_slots_and_skips_minus_one(impl, device):
     assert flat_k[untouched].abs().sum() == 0 and flat_v[untouched].abs().sum() == 0
 
 
+@pytest.mark.parametrize("impl", [store_kv, store_kv_reference])
+def test_store_kv_reads_column_slices_of_a_packed_projection(impl, device):
+    """k and v as the packed q/k/v GEMM's output gives them: token rows strided by q + k + v widths;
+    and a transposed k whose head blocks are not contiguous (copied first)."""
+    gen = torch.Generator().manual_seed(1)
+    qkv = torch.randn(5, 3 * 32 + 2 * 32, generator=gen).to(device)  # q: 3 heads, k and v: 2 heads of 16
+    k, v = qkv[:, 96:128].view(5, 2, 16), qkv[:, 128:].view(5, 2, 16)
+    assert not v.is_contiguous()
+    k_cache = torch.zeros(4, 4, 2, 16, device=device)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.tensor([5, 0, 9, 2, 15], device=device)
+    impl(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache.view(-1, 2, 16)[slots], k) and torch.equal(v_cache.view(-1, 2, 16)[slots], v)
+    k_t = k.transpose(1, 2).contiguous().transpose(1, 2)  # head dim contiguous, heads not adjacent
+    impl(k_t, v, k_cache, v_cache, slots.flip(0))
+    assert torch.equal(k_cache.view(-1, 2, 16)[slots.flip(0)], k)
+
+
 def test_store_kv_rejects_wrong_dtype():
     k = torch.zeros(2, 2, 16)
     cache = torch.zeros(2, 4, 2, 16, dtype=torch.float16)

@@ -1,0 +1,157 @@
+"""One GEMM for the projections that read the same input: q/k/v, and gate/up.
+
+A decode step at batch 64-128 is launch-bound (decoder.py): q, k and v are three GEMMs where k and
+v are tiny (2 KV heads: 1 MB of weights each at the 3B shape), and gate/up are two. vLLM keeps such
+weights concatenated in one parameter; we keep transformers' modules and parameter names (the
+loader, PEFT's adapter keys and the LoRA wrappers depend on them) and instead move the weights'
+data into one tensor, each Parameter becoming a row block of it (`pack_linears`). The Parameter
+objects stay the same, so the optimizer, load_state_dict and the loader keep updating them in
+place and a packed GEMM always reads the current weights: nothing is copied to refresh.
+
+Anything that replaces a parameter's data (`model.to(...)`, FSDP's sharding) silently breaks the
+packing; `packed_operands` checks the layout on every call (a few pointer compares) and `project`
+then runs the projections one by one. The packed GEMM is used only where no gradient is needed for
+the packed weights (inference, the reference policy, LoRA training with the base frozen): the
+parameters' own gradients would not flow through it.
+"""
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .lora import LoRALinear
+
+
+def _base(module: nn.Module) -> nn.Linear | None:
+    """The plain nn.Linear that holds a projection's weight (a LoRA wrapper's base), else None."""
+    base = module.base_layer if isinstance(module, LoRALinear) else module
+    return base if type(base) is nn.Linear else None
+
+
+def pack_linears(modules: Sequence[nn.Module]) -> bool:
+    """Moves the weights (and biases) of `modules` (nn.Linear or LoRALinear, one input size, dtype
+    and device) into one (sum of out_features, in_features) tensor (and one bias), each parameter
+    becoming a row block of it; values, Parameter objects and requires_grad are unchanged.
+    Idempotent. Returns whether the modules are packed (False: not packable, left as they were)."""
+    bases = [_base(m) for m in modules]
+    if any(b is None for b in bases):
+        return False
+    if packed_operands(modules) is not None:
+        return True
+    weights = [b.weight for b in bases]
+    biases = [b.bias for b in bases]
+    w0 = weights[0]
+    if any(type(p.data) is not torch.Tensor or p.dtype != w0.dtype or p.device != w0.device
+           for p in weights + [b for b in biases if b is not None]):
+        return False  # a DTensor shard (FSDP), mixed dtypes or devices: leave them alone
+    if any(w.shape[1] != w0.shape[1] for w in weights) or any((b is None) != (biases[0] is None) for b in biases):
+        return False
+    with torch.no_grad():
+        _move_into_one(weights)
+        if biases[0] is not None:
+            _move_into_one(biases)
+    return True
+
+
+def _move_into_one(params: list[nn.Parameter]) -> None:
+    packed = torch.cat([p.detach() for p in params])
+    start = 0
+    for p in params:
+        p.data = packed[start:start + p.shape[0]]
+        start += p.shape[0]
+
+
+# The last layout check per group, keyed by its first base Linear: (parameter addresses, operands).
+# project() runs per layer per step, and the check (storage objects, offsets) costs ~25 us of host
+# time; comparing addresses costs ~1. A hit is sound: cached operands keep their storage alive, and no
+# other live allocation overlaps it, so parameters found at the same addresses are views of it.
+# (So a packed storage whose parameters were replaced lives on until its group's next call.)
+_checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def packed_operands(modules: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight (sum out, in), bias (sum out,) or None) viewing the modules' parameters in order, if
+    they are consecutive row blocks of one storage; else None. The views are detached."""
+    bases = [_base(m) for m in modules]
+    if any(b is None for b in bases):
+        return None
+    addresses = tuple(p.data_ptr() for b in bases for p in (b.weight, b.bias) if p is not None)
+    hit = _checked.get(bases[0])
+    if hit is not None and hit[0] == addresses:
+        return hit[1]
+    operands = _check_layout(bases)  # views of normal tensors, normal even when made in inference mode
+    _checked[bases[0]] = (addresses, operands)
+    return operands
+
+
+def _check_layout(bases: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    weight = _consecutive([b.weight for b in bases])
+    if weight is None:
+        return None
+    if all(b.bias is None for b in bases):
+        return weight, None
+    if any(b.bias is None for b in bases):
+        return None
+    bias = _consecutive([b.bias for b in bases])
+    return None if bias is None else (weight, bias)
+
+
+def _consecutive(params: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensor the params are consecutive blocks (along dim 0) of, or None."""
+    p0 = params[0]
+    row = p0[0].numel() if p0.dim() > 1 else 1
+    storage, offset, rows = p0.untyped_storage().data_ptr(), p0.storage_offset(), 0
+    for p in params:
+        if (p.dtype != p0.dtype or p.device != p0.device or p.shape[1:] != p0.shape[1:] or not p.is_contiguous()
+                or p.untyped_storage().data_ptr() != storage or p.storage_offset() != offset + rows * row):
+            return None
+        rows += p.shape[0]
+    return p0.detach().as_strided((rows, *p0.shape[1:]), p0.stride())
+
+
+def project(x: torch.Tensor, modules: Sequence[nn.Module]) -> list[torch.Tensor]:
+    """[m(x) for m in modules], from one GEMM when their weights are packed and no gradient is
+    needed for them; LoRA wrappers add their adapters to their slices. Outputs may be column
+    views of one (..., sum out) tensor (row stride = sum out, last dim contiguous)."""
+    operands = None if _needs_own_calls(modules) else packed_operands(modules)
+    if operands is None:
+        return [m(x) for m in modules]
+    y = F.linear(x, *operands)
+    outs = y.split([_base(m).out_features for m in modules], dim=-1)
+    return [m.add_adapter(o, x) if isinstance(m, LoRALinear) else o for m, o in zip(modules, outs)]
+
+
+def _needs_own_calls(modules: Sequence[nn.Module]) -> bool:
+    """Hooks on a projection (they must see its call), or a gradient wanted for a packed weight."""
+    if any(m._forward_hooks or m._forward_pre_hooks for m in modules):
+        return True
+    if not torch.is_grad_enabled():
+        return False
+    bases = [_base(m) for m in modules]
+    return any(b is None or b.weight.requires_grad or (b.bias is not None and b.bias.requires_grad) for b in bases)
+
+
+def pack_projections(model: nn.Module) -> int:
+    """Packs every group of projections the model's modules name in `PACKED_PROJECTIONS` (the
+    decoder's q/k/v and gate/up); returns how many groups are packed. Idempotent; call it again
+    after anything that replaced parameter data (model.to, load_state_dict(assign=True)). A model
+    sharded with FSDP is left alone: FSDP owns its parameters' storage (it frees and re-allocates
+    the gathered parameters' storage at every reshard), so it returns 0."""
+    if _fsdp_sharded(model):
+        return 0
+    packed = 0
+    for module in model.modules():
+        for group in getattr(module, "PACKED_PROJECTIONS", ()):
+            packed += pack_linears([getattr(module, name) for name in group])
+    return packed
+
+
+def _fsdp_sharded(model: nn.Module) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+    return any(isinstance(m, FSDPModule) for m in model.modules())

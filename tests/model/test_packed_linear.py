@@ -1,0 +1,202 @@
+"""Packed projections (packed_linear.py): q/k/v and gate/up weights moved into one tensor apiece,
+the same Parameters as row views of it, so gradient-free forwards run one GEMM per group. The
+values stay exact, the optimizer's in-place updates reach the packed GEMM, anything that replaces a
+parameter's data falls back to one GEMM per projection, and gradients are never lost."""
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from rlpt_fast.model import load_model
+from rlpt_fast.model.lora import LoRAConfig, LoRALinear, apply_lora, pinned_lora_caches
+from rlpt_fast.model.lora_io import save_merged
+from rlpt_fast.model.packed_linear import pack_linears, pack_projections, packed_operands, project
+from rlpt_fast.rollout import Engine, Request, SamplingParams
+from rlpt_fast.testing import write_tiny_checkpoint
+
+GEMMS = {"addmm", "mm", "linear", "matmul", "bmm"}
+
+
+class GemmCount(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ in GEMMS
+        return func(*args, **(kwargs or {}))
+
+
+def _qkv(bias=True, seed=0):
+    torch.manual_seed(seed)
+    return [nn.Linear(24, out, bias=bias) for out in (16, 8, 8)]
+
+
+def _gemms(fn) -> int:
+    with GemmCount() as counter:
+        fn()
+    return counter.count
+
+
+def test_packing_keeps_values_and_parameters_and_runs_one_gemm():
+    mods = _qkv()
+    params = [p for m in mods for p in m.parameters()]
+    values = [p.detach().clone() for p in params]
+    x = torch.randn(5, 24)
+    expected = [m(x) for m in mods]
+    assert packed_operands(mods) is None
+    assert pack_linears(mods) and pack_linears(mods)  # idempotent
+    assert [p for m in mods for p in m.parameters()] == params  # the same Parameter objects
+    assert all(torch.equal(p, v) for p, v in zip(params, values))
+    weight, bias = packed_operands(mods)
+    assert weight.shape == (32, 24) and bias.shape == (32,)
+    assert weight.untyped_storage().data_ptr() == mods[2].weight.untyped_storage().data_ptr()
+    with torch.no_grad():
+        assert _gemms(lambda: project(x, mods)) == 1
+        got = project(x, mods)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+
+
+def test_in_place_updates_reach_the_packed_gemm():
+    mods = _qkv(bias=False)
+    pack_linears(mods)
+    opt = torch.optim.AdamW([p for m in mods for p in m.parameters()], lr=0.1)
+    x = torch.randn(3, 24)
+    sum(m(x).square().sum() for m in mods).backward()  # grad enabled, weights trainable: own calls
+    assert all(m.weight.grad is not None for m in mods)
+    opt.step()
+    with torch.no_grad():
+        got = project(x, mods)
+        assert _gemms(lambda: project(x, mods)) == 1
+        for g, m in zip(got, mods):
+            torch.testing.assert_close(g, x @ m.weight.T, rtol=1e-6, atol=1e-6)
+
+
+def test_gradients_for_packed_weights_take_the_per_projection_path():
+    mods = _qkv()
+    pack_linears(mods)
+    x = torch.randn(4, 24, requires_grad=True)
+    assert _gemms(lambda: project(x, mods)) == 3
+    sum(o.sum() for o in project(x, mods)).backward()
+    for m in mods:
+        torch.testing.assert_close(m.weight.grad, x.detach().sum(0).expand_as(m.weight), rtol=1e-6, atol=1e-6)
+        assert torch.equal(m.bias.grad, torch.full_like(m.bias, 4.0))  # 4 rows
+
+
+def test_frozen_base_with_lora_trains_through_the_packed_gemm():
+    """LoRA training: the base is frozen, so one GEMM serves q/k/v; the adapters' gradients are the
+    per-projection path's."""
+    torch.manual_seed(0)
+    plain = [LoRALinear(m, r=2, alpha=4.0, dropout=0.0) for m in _qkv()]
+    for m in plain:
+        m.base_layer.requires_grad_(False)
+        nn.init.normal_(m.lora_B.weight)
+    x = torch.randn(6, 24, requires_grad=True)
+    sum(o.square().sum() for o in project(x, plain)).backward()
+    expected = [(m.lora_A.weight.grad.clone(), m.lora_B.weight.grad.clone()) for m in plain]
+    expected_x = x.grad.clone()
+    for m in plain:
+        m.zero_grad()
+    x.grad = None
+    assert pack_linears(plain)
+    assert _gemms(lambda: project(x, plain)) == 1 + 2 * 3  # base once; each adapter's two
+    sum(o.square().sum() for o in project(x, plain)).backward()
+    for m, (a, b) in zip(plain, expected):
+        torch.testing.assert_close(m.lora_A.weight.grad, a, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m.lora_B.weight.grad, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, expected_x, rtol=1e-5, atol=1e-5)
+
+
+def test_first_seen_in_inference_mode_then_trained_through():
+    """The engine's decode runs under inference_mode; the views it leaves in the layout cache must
+    still serve a LoRA training forward (autograd refuses to save inference tensors: these are
+    views of normal tensors, which stay normal)."""
+    mods = [LoRALinear(m, r=2, alpha=4.0, dropout=0.0) for m in _qkv()]
+    for m in mods:
+        m.base_layer.requires_grad_(False)
+    pack_linears(mods)
+    x = torch.randn(3, 24, requires_grad=True)
+    with torch.inference_mode():
+        project(x.detach(), mods)
+    sum(o.square().sum() for o in project(x, mods)).backward()
+    assert x.grad is not None and all(m.lora_A.weight.grad is not None for m in mods)
+
+
+def test_pinned_lora_adds_into_its_slice_in_place():
+    model = nn.Module()
+    model.q, model.k, model.v = (LoRALinear(m, r=2, alpha=4.0, dropout=0.0) for m in _qkv())
+    mods = [model.q, model.k, model.v]
+    for m in mods:
+        nn.init.normal_(m.lora_B.weight)
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        expected = [m(x) for m in mods]
+    pack_linears(mods)
+    with pinned_lora_caches(model), torch.no_grad():
+        got = project(x, mods)
+    assert got[0].untyped_storage().data_ptr() == got[2].untyped_storage().data_ptr()  # slices of one output
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_replaced_data_falls_back_and_packs_again():
+    mods = _qkv()
+    pack_linears(mods)
+    for m in mods:
+        m.to(torch.float64)  # new storage per parameter
+    assert packed_operands(mods) is None
+    x = torch.randn(2, 24, dtype=torch.float64)
+    with torch.no_grad():
+        assert _gemms(lambda: project(x, mods)) == 3
+        assert pack_linears(mods)
+        assert _gemms(lambda: project(x, mods)) == 1
+
+
+def test_not_packable_groups_are_left_alone():
+    mixed = [nn.Linear(24, 8), nn.Linear(24, 8, bias=False)]
+    assert not pack_linears(mixed)
+    assert packed_operands(mixed) is None
+    assert not pack_linears([nn.Linear(24, 8), nn.Linear(12, 8)])  # different inputs
+    mods = _qkv()
+    pack_linears(mods)
+    mods[1].register_forward_hook(lambda *args: None)
+    with torch.no_grad():
+        assert _gemms(lambda: project(torch.randn(2, 24), mods)) == 3  # a hook must see its call
+
+
+def test_packed_model_logits_lora_and_merged_export(tmp_path):
+    path = write_tiny_checkpoint(tmp_path / "base", "qwen2_5_vl", seed=0)
+    model = load_model(path, dtype=torch.float32).eval()
+    apply_lora(model, LoRAConfig(r=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "v_proj", "up_proj")))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.02)
+    ids = torch.randint(0, 300, (13,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model.logits(ids)
+    layers = model.config.num_hidden_layers
+    assert pack_projections(model) == 2 * layers
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(ids), before, rtol=1e-5, atol=1e-5)
+    out = save_merged(model, path, tmp_path / "merged")  # safetensors takes the disjoint views
+    merged = load_model(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged.logits(ids), before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_engine_packs_and_samples_the_same(tmp_path, pack):
+    path = write_tiny_checkpoint(tmp_path, "qwen2_5_vl", seed=2)
+    model = load_model(path, dtype=torch.float32)
+    reference = load_model(path, dtype=torch.float32)
+    engine = Engine(model, num_blocks=64, pack_projections=pack)
+    attn = model.model.language_model.layers[0].self_attn
+    assert (packed_operands([attn.q_proj, attn.k_proj, attn.v_proj]) is not None) == pack
+    request = [Request(torch.randint(0, 300, (9,), generator=torch.Generator().manual_seed(3)).tolist())]
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=6, seed=5)
+    got = engine.generate(request, params)[0]
+    want = Engine(reference, num_blocks=64, pack_projections=False).generate(request, params)[0]
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=1e-5, atol=1e-5)
