@@ -169,8 +169,7 @@ def cascade_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_ca
     page, hkv = k_cache.shape[1], k_cache.shape[2]
     o_part, lse = decode_partials(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits,
                                   max_context, starts=groups.starts, extra=groups.splits)
-    o_part[:, :, num_splits:].zero_()  # rows outside any group keep an empty prefix part
-    lse[:, :, num_splits:].fill_(float("-inf"))
+    # rows outside any group keep the empty prefix part decode_partials left them (lse -inf)
     block_n = 32
     per_split = -(-groups.max_prefix // groups.splits)
     per_split = -(-per_split // block_n) * block_n

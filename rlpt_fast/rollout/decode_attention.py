@@ -104,7 +104,7 @@ def _attend(q, K, V, table, start, end, kvh, stride_kb, stride_ks, stride_kh,
 
 
 @triton.jit
-def _decode_split_kernel(Q, K, V, Tables, Lens, Starts, O, Lse, scale, tokens_per_split,
+def _decode_split_kernel(Q, K, V, Tables, Lens, Starts, O, Lse, scale, tokens_per_split, extra,
                          stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_tb,
                          stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
                          GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -128,6 +128,9 @@ def _decode_split_kernel(Q, K, V, Tables, Lens, Starts, O, Lse, scale, tokens_pe
                        BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, IEEE)
     tl.store(O + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :], out, mask=qmask)
     tl.store(Lse + b * stride_lb + heads * stride_lh + split, lse, mask=g < GROUP)
+    if split == 0:  # the `extra` slots after this pass's: empty (weight 0) unless another pass fills them
+        for e in range(0, extra):
+            tl.store(Lse + b * stride_lb + heads * stride_lh + tl.num_programs(2) + e, float("-inf"), mask=g < GROUP)
 
 
 @triton.jit
@@ -160,7 +163,9 @@ def decode_partials(q, k_cache, v_cache, block_tables, context_lens, scale: floa
                     max_context: int | None = None, starts: torch.Tensor | None = None, extra: int = 0):
     """The split pass alone: (o_part (B, Hq, num_splits + extra, D) f32, lse (B, Hq, num_splits + extra) f32).
     starts (B,) int32: each row's first context token (the ones before are read elsewhere). The
-    `extra` trailing partial slots are left unwritten for another pass (see cascade_attention)."""
+    `extra` trailing partial slots are for another pass (see cascade_attention): their lse is set
+    to -inf here (combine_partials then gives them weight 0 whatever their o_part holds), so rows
+    that pass skips need no fill of their own (two launches per layer fewer)."""
     _check(q, k_cache, v_cache, block_tables, context_lens)
     b, hq, d = q.shape
     page, hkv = k_cache.shape[1], k_cache.shape[2]
@@ -174,7 +179,7 @@ def decode_partials(q, k_cache, v_cache, block_tables, context_lens, scale: floa
     group = hq // hkv
     _decode_split_kernel[(b, hkv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, context_lens if starts is None else starts, o_part, lse,
-        scale, per_split, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        scale, per_split, extra, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse.stride(0), lse.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
