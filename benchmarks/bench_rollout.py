@@ -66,6 +66,8 @@ def parse_args() -> argparse.Namespace:
     e.add_argument("--block-size", type=int, default=16)
     e.add_argument("--no-cuda-graphs", action="store_true")
     e.add_argument("--no-cascade", action="store_true", help="read each sample's prompt KV separately")
+    e.add_argument("--no-pack", action="store_true",
+                   help="leave q/k/v and gate/up unpacked (5 projection GEMMs per layer instead of 2)")
     e.add_argument("--skip-hf", action="store_true", help="engine only (no baseline)")
     e.add_argument("--repeat", type=int, default=1 if gpu else 3,
                    help="alternate engine / generate runs this many times and keep each one's fastest "
@@ -125,7 +127,8 @@ def run_engine(model, prompts, args, device):
     blocks = len(prompts) * (-(-t // bs)) + len(prompts) * args.group * (-(-n // bs) + 2) + 16
     engine = Engine(model, block_size=bs, num_blocks=blocks, max_num_seqs=len(prompts) * args.group,
                     max_num_batched_tokens=8192, max_model_len=t + n + bs,
-                    cuda_graphs=False if args.no_cuda_graphs else None, cascade_decode=not args.no_cascade)
+                    cuda_graphs=False if args.no_cuda_graphs else None, cascade_decode=not args.no_cascade,
+                    pack_projections=not args.no_pack)
     requests = [Request(*p) for p in prompts]
     params = SamplingParams(n=args.group, temperature=1.0, max_tokens=n, ignore_eos=True, seed=0)
     # warm-up on the timed call's shapes (every prompt, G samples, 2 tokens), as generate's
@@ -263,7 +266,7 @@ def main() -> None:
     eng = best[variants[0][0]]
     summary = dict(engine_tokens_per_s=generated / eng["wall_s"], decode_step_over_floor=eng["decode_step_ms"] / floor,
                    decode_step_over_shared_floor=eng["decode_step_ms"] / shared_floor, repeats=args.repeat,
-                   cascade=not args.no_cascade, engine_wall_s=eng["wall_s"],
+                   cascade=not args.no_cascade, packed_projections=not args.no_pack, engine_wall_s=eng["wall_s"],
                    **{f"engine_{k}": eng[k] for k in ("setup_s", "prefill_s", "decode_s")})
     if args.lora:
         steps = {name: run["decode_step_ms"] for name, run in best.items()}

@@ -129,7 +129,7 @@ def _decode_split_kernel(Q, K, V, Tables, Lens, Starts, O, Lse, scale, tokens_pe
     tl.store(O + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :], out, mask=qmask)
     tl.store(Lse + b * stride_lb + heads * stride_lh + split, lse, mask=g < GROUP)
     if split == 0:  # the `extra` slots after this pass's: empty (weight 0) unless another pass fills them
-        for e in range(0, extra):
+        for e in range(extra):
             tl.store(Lse + b * stride_lb + heads * stride_lh + tl.num_programs(2) + e, float("-inf"), mask=g < GROUP)
 
 
