@@ -50,6 +50,36 @@ def test_in_place_update_seen_by_captured_graphs(gpu_model):
     assert after == want != before
 
 
+@pytest.mark.parametrize("leaf", ["self_attn.v_proj", "mlp.up_proj"])
+def test_in_place_update_of_a_packed_projection_seen_by_captured_graphs(gpu_model, leaf):
+    """The engine packs q/k/v and gate/up (one GEMM each): its graphs read the packed storage,
+    which an in-place update of one projection's Parameter writes."""
+    from rlpt_fast.model.packed_linear import packed_operands
+
+    cfg = gpu_model.config
+    req = [Request(*prompt(cfg, 4, [9]))]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    engine = Engine(gpu_model, num_blocks=64, max_num_seqs=8, max_model_len=128)
+    layer = gpu_model.model.language_model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    assert packed_operands([attn.q_proj, attn.k_proj, attn.v_proj]) is not None
+    assert packed_operands([mlp.gate_proj, mlp.up_proj]) is not None
+    weight = layer.get_submodule(leaf).weight
+    before = engine.generate(req, params)[0][0].token_ids
+    saved = weight.detach().clone()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        weight.copy_(torch.randn(weight.shape, device="cuda", generator=gen) * saved.std() * 4)
+    try:
+        after = engine.generate(req, params)[0][0].token_ids
+        fresh = Engine(gpu_model, attention_backend="torch", cuda_graphs=False, num_blocks=64, max_model_len=128)
+        want = fresh.generate(req, params)[0][0].token_ids
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    assert after == want != before
+
+
 def test_cache_sized_from_free_memory(gpu_model):
     engine = Engine(gpu_model, gpu_memory_utilization=0.5, max_num_seqs=8, max_model_len=256)
     _, total = torch.cuda.mem_get_info()
