@@ -129,11 +129,19 @@ class LoRALinear(nn.Module):
         output, packed_linear.py); in place on y on the pinned inference path."""
         if self.disabled:
             return y
-        cache = self.inference_cache
-        if (cache.usable(x.dtype) and not torch.is_grad_enabled() and (self.dropout_p == 0.0 or not self.training)
-                and y.dtype is x.dtype and _inference.ENABLED):
+        cache = self.pinned_cache(x)
+        if cache is not None and y.dtype is x.dtype:
             return _inference.add_low_rank_(y, x, cache.a, cache.b)
         return y + F.linear(self.low_rank(x), self.lora_B.weight.to(x.dtype))
+
+    def pinned_cache(self, x: torch.Tensor) -> _inference.InferenceCache | None:
+        """The inference cache, if forward on x may use it: pinned for x's dtype, no gradient, no
+        dropout (lora_inference.py); else None (the autograd path)."""
+        cache = self.inference_cache
+        if (cache.usable(x.dtype) and not torch.is_grad_enabled() and (self.dropout_p == 0.0 or not self.training)
+                and _inference.ENABLED):
+            return cache
+        return None
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -180,7 +188,24 @@ def refresh_lora_caches(model: nn.Module, dtype: torch.dtype | None = None) -> i
         if _inference.ENABLED or m.inference_cache.a is not None:
             m.inference_cache.refresh(m.lora_A.weight, m.lora_B.weight, m.scaling, dtype or m.base_layer.weight.dtype)
             n += 1
+    _refresh_group_caches(model)
     return n
+
+
+def _refresh_group_caches(model: nn.Module) -> None:
+    """Each packed group (PACKED_PROJECTIONS, packed_linear.py) whose members are all adapted with
+    refreshed caches of one dtype gets its GroupCache (on its first member) refreshed from them."""
+    for module in model.modules():
+        for names in getattr(module, "PACKED_PROJECTIONS", ()):
+            members = [getattr(module, name) for name in names]
+            if not all(isinstance(m, LoRALinear) and m.inference_cache.a is not None for m in members):
+                continue
+            caches = [m.inference_cache for m in members]
+            if any(c.dtype != caches[0].dtype for c in caches):
+                caches[0].group = None
+                continue
+            caches[0].group = caches[0].group or _inference.GroupCache()
+            caches[0].group.refresh(caches)
 
 
 @contextmanager

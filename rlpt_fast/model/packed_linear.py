@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .lora import LoRALinear
+from .lora_inference import GroupCache, add_low_rank_
 
 
 def _base(module: nn.Module) -> nn.Linear | None:
@@ -121,8 +122,23 @@ def project(x: torch.Tensor, modules: Sequence[nn.Module]) -> list[torch.Tensor]
     if operands is None:
         return [m(x) for m in modules]
     y = F.linear(x, *operands)
-    outs = y.split([_base(m).out_features for m in modules], dim=-1)
-    return [m.add_adapter(o, x) if isinstance(m, LoRALinear) else o for m, o in zip(modules, outs)]
+    sizes = [_base(m).out_features for m in modules]
+    group = _pinned_group(modules, x, y)
+    if group is not None:  # every member adapted: their adapters as one low-rank pair, in place on y
+        return list(add_low_rank_(y, x, group.a, group.b).split(sizes, dim=-1))
+    return [m.add_adapter(o, x) if isinstance(m, LoRALinear) else o for m, o in zip(modules, y.split(sizes, dim=-1))]
+
+
+def _pinned_group(modules: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor) -> GroupCache | None:
+    """The group's adapter cache (lora_inference.GroupCache) if every member's adapter is on and
+    its pinned cache serves x; else None."""
+    first = modules[0]
+    if not isinstance(first, LoRALinear) or first.inference_cache.group is None or y.dtype is not x.dtype:
+        return None
+    if not all(isinstance(m, LoRALinear) and not m.disabled and m.pinned_cache(x) is not None for m in modules):
+        return None
+    group = first.inference_cache.group
+    return group if group.dtype is x.dtype else None
 
 
 def _needs_own_calls(modules: Sequence[nn.Module]) -> bool:

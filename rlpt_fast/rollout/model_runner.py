@@ -19,6 +19,7 @@ after an optimizer step sees the new weights.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -121,7 +122,8 @@ class ModelRunner:
             # inference mode takes the autograd bookkeeping off each (~12% of a CPU step). Only
             # decode: prefill encodes the images that the trainer's forward reuses (they must
             # stay normal tensors), and every tensor a decode step makes lives in the runner.
-            with torch.inference_mode(self.graphs is None):
+            # (not inference_mode(False) for the graphs: that turns grad mode back on)
+            with torch.inference_mode() if self.graphs is None else nullcontext():
                 sampled = self._decode(batch)
         self._last_tokens = sampled[:, 0]
         pairs = [(int(t), lp) for t, lp in sampled.cpu().tolist()]  # the step's one host sync

@@ -136,6 +136,18 @@ def test_a_cache_made_in_inference_mode_refreshes_outside_it():
             _close(layer(x), layer, x)
 
 
+def test_a_refresh_in_grad_mode_records_nothing_for_autograd():
+    """The trainer refreshes with grad mode on: the cache must not hold a graph back to A and B."""
+    layer = _layer()
+    assert torch.is_grad_enabled()
+    for _ in range(2):  # made, then refreshed in place
+        with pinned_lora_caches(layer):
+            pass
+        cache = layer.inference_cache
+        assert not cache.a.requires_grad and cache.a.grad_fn is None
+        assert not cache.b.requires_grad and cache.b.grad_fn is None
+
+
 def test_refresh_is_unconditional_and_pinning_ends_with_the_block():
     model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 12))
     apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0))

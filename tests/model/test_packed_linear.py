@@ -14,7 +14,7 @@ from rlpt_fast.model.packed_linear import pack_linears, pack_projections, packed
 from rlpt_fast.rollout import Engine, Request, SamplingParams
 from rlpt_fast.testing import write_tiny_checkpoint
 
-GEMMS = {"addmm", "mm", "linear", "matmul", "bmm"}
+GEMMS = {"addmm", "addmm_", "mm", "linear", "matmul", "bmm"}
 
 
 class GemmCount(TorchDispatchMode):
@@ -138,6 +138,81 @@ def test_pinned_lora_adds_into_its_slice_in_place():
     assert got[0].untyped_storage().data_ptr() == got[2].untyped_storage().data_ptr()  # slices of one output
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+class QKV(nn.Module):
+    """A packed group as the decoder declares one."""
+    PACKED_PROJECTIONS = (("q", "k", "v"),)
+
+    def __init__(self, adapted=("q", "k", "v")):
+        super().__init__()
+        for name, m in zip("qkv", _qkv()):
+            if name in adapted:
+                m = LoRALinear(m, r=2 + len(name), alpha=4.0, dropout=0.1)  # unequal ranks: 3, 3, 3 + blocks
+                nn.init.normal_(m.lora_B.weight)
+            setattr(self, name, m)
+        self.eval()
+
+    @property
+    def members(self):
+        return [self.q, self.k, self.v]
+
+
+def test_pinned_group_runs_all_adapters_as_one_low_rank_pair():
+    """q/k/v all adapted and pinned: base GEMM, one stacked-A matmul, one block-diagonal addmm."""
+    model = QKV()
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        expected = [m(x) for m in model.members]  # unpinned: each adapter on its own
+    assert pack_projections(model) == 1
+    with pinned_lora_caches(model), torch.no_grad():
+        assert _gemms(lambda: project(x, model.members)) == 3
+        got = project(x, model.members)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    group = model.q.inference_cache.group
+    assert group.a.shape == (9, 24) and group.b.shape == (32, 9)
+    assert group.b[:16, 3:].abs().sum() == 0 and group.b[16:24, :3].abs().sum() == 0  # block diagonal
+
+
+def test_group_cache_refreshes_in_place_with_the_adapters():
+    model = QKV()
+    pack_projections(model)
+    x = torch.randn(3, 24)
+    with pinned_lora_caches(model):
+        pass
+    group = model.q.inference_cache.group
+    pointers = (group.a.data_ptr(), group.b.data_ptr())
+    with torch.no_grad():
+        model.k.lora_B.weight.mul_(-2.0)  # as an optimizer step would, in place
+        model.v.lora_A.weight.add_(0.5)
+        expected = [m(x) for m in model.members]
+    with pinned_lora_caches(model), torch.no_grad():
+        got = project(x, model.members)
+    assert (group.a.data_ptr(), group.b.data_ptr()) == pointers  # CUDA graphs captured over it see the new values
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_partly_adapted_or_disabled_groups_take_their_own_paths():
+    from rlpt_fast.model.lora import adapter_disabled
+
+    model = QKV(adapted=("q", "v"))
+    pack_projections(model)
+    x = torch.randn(4, 24)
+    with torch.no_grad():
+        expected = [m(x) for m in model.members]
+    with pinned_lora_caches(model), torch.no_grad():
+        assert model.q.inference_cache.group is None
+        assert _gemms(lambda: project(x, model.members)) == 1 + 2 * 2  # each adapter on its slice
+        for g, e in zip(project(x, model.members), expected):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    full = QKV()
+    pack_projections(full)
+    with pinned_lora_caches(full), adapter_disabled(full), torch.no_grad():
+        assert _gemms(lambda: project(x, full.members)) == 1
+        got = project(x, full.members)
+    torch.testing.assert_close(got[1], full.k.base_layer(x), rtol=1e-6, atol=1e-6)
 
 
 def test_replaced_data_falls_back_and_packs_again():

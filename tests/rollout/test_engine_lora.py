@@ -31,7 +31,11 @@ def _old_path(monkeypatch, fn):
 
 
 def _pointers(model):
-    return [(m.inference_cache.a.data_ptr(), m.inference_cache.b.data_ptr()) for _, m in lora_layers(model)]
+    """Every cache's storage: the adapters' own and the packed groups' (q/k/v, gate/up)."""
+    caches = [m.inference_cache for _, m in lora_layers(model)]
+    groups = [c.group for c in caches if c.group is not None]
+    assert len(groups) == 2 * model.config.num_hidden_layers  # every decoder Linear is adapted
+    return [(c.a.data_ptr(), c.b.data_ptr()) for c in caches + groups]
 
 
 def test_cached_path_generates_what_the_per_call_cast_path_does(adapted, monkeypatch):
