@@ -33,10 +33,8 @@ if not torch.cuda.is_available():  # before rlpt_kernels defines its kernels: th
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Report, measure_ceilings, time_fn  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_leaves  # noqa: E402
 
-from rlpt_kernels import decode_ops  # noqa: E402
+from rlpt_fast.launch_count import count_launches  # noqa: E402
 from rlpt_fast.model.config import parse_config  # noqa: E402
 from rlpt_fast.model.decoder import DecoderLayer  # noqa: E402
 from rlpt_fast.model.packed_linear import pack_projections  # noqa: E402
@@ -99,50 +97,6 @@ class Step:
         return x
 
     packed = fused
-
-
-class _LaunchCounter(TorchDispatchMode):
-    """Counts aten ops that launch a kernel and Triton launches. An aten op launches one when it
-    writes memory: it mutates, or returns a tensor in storage none of its inputs has (views,
-    allocations and dtype queries do not). The aten ops the interpreter itself runs around a
-    Triton launch are not counted."""
-    ALLOCATIONS = frozenset({torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
-                   torch.ops.aten.empty_like.default})
-
-    def __init__(self):
-        super().__init__()
-        self.count, self.paused = 0, False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not self.paused and func not in self.ALLOCATIONS:
-            self.count += func._schema.is_mutable or _writes_new_storage((args, kwargs), out)
-        return out
-
-
-def _writes_new_storage(inputs, out) -> bool:
-    tensors = lambda tree: [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]  # noqa: E731
-    seen = {t.untyped_storage().data_ptr() for t in tensors(inputs)}
-    return any(t.untyped_storage().data_ptr() not in seen for t in tensors(out))
-
-
-def count_launches(fn) -> int:
-    """Kernels fn() launches, by the dispatcher's count (any device)."""
-    cls = type(decode_ops._rms_norm_kernel)  # JITFunction, or InterpretedFunction in the interpreter
-    run = cls.run
-    with _LaunchCounter() as counter:
-        def counted(self, *args, **kwargs):
-            counter.count, counter.paused = counter.count + 1, True
-            try:
-                return run(self, *args, **kwargs)
-            finally:
-                counter.paused = False
-        cls.run = counted
-        try:
-            fn()
-        finally:
-            cls.run = run
-    return counter.count
 
 
 def profiler_kernels(fn, device: str) -> int | None:
