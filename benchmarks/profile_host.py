@@ -13,7 +13,10 @@ Two figures per step:
     replay): postprocess, schedule and input building, during which the GPU has nothing queued.
     The share that counts.
 Then it runs the same generate again under cProfile and prints the functions with the most host
-time of their own.
+time of their own. Last, stub_host_ms: the same generate with the decode graphs' replays stubbed
+(StubGraphs: fixed samples, no device work), on the Triton attention path the GPU runs, so each
+decode step is the host's own work alone: scheduling, the runner's Python, the sync. It runs on any
+machine (the CPU included), and its share of a GPU step is the figure the 10% rule asks about.
 
     python benchmarks/profile_host.py                   # GPU: 3B shape, B = 8 x G = 8 = 64 sequences
     python benchmarks/profile_host.py --model tiny      # CPU: the same workload shape on the tiny model
@@ -31,6 +34,9 @@ import time
 from pathlib import Path
 
 import torch
+
+if not torch.cuda.is_available():  # the stubbed run's Triton attention path (prefill's KV store) on CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_rollout import build_models, build_prompts
@@ -86,6 +92,35 @@ class SyncWait:
         torch.cuda.CUDAGraph.replay = self._replay
 
 
+class StubGraphs:
+    """Stands in for the runner's DecodeGraphs (the runner's graph path, whatever the device): each
+    decode step returns fixed samples (token 7, log-prob 0) without touching the device."""
+
+    def __init__(self, device: str, max_bs: int):
+        self.samples = torch.zeros(max_bs, 2, dtype=torch.float64, device=device)
+        self.samples[:, 0] = 7
+        self.advanced_rows = 0
+
+    def fits(self, b: int) -> bool:
+        return b <= self.samples.shape[0]
+
+    def run(self, inputs, tables, cascade, rows, positions) -> torch.Tensor:
+        self.advanced_rows = len(positions)
+        return self.samples[:len(positions)]
+
+
+def stub_host_ms(model, prompts, requests, params, args) -> float:
+    """Host ms per decode step with the device's decode work stubbed (StubGraphs), Triton backend."""
+    engine = make_engine(model, prompts, args, attention_backend="triton", cuda_graphs=False)
+    engine.runner.graphs = StubGraphs(str(model.device), len(prompts) * args.group)
+    engine.generate(requests, params)  # warm-up: the host path's first call
+    model.clear_image_cache()
+    for key in engine.stats:
+        engine.stats[key] = 0
+    engine.generate(requests, params)
+    return 1e3 * engine.stats["decode_seconds"] / max(1, engine.stats["decode_steps"])
+
+
 def parse_args() -> argparse.Namespace:
     gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -99,11 +134,11 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def make_engine(model, prompts, args) -> Engine:
+def make_engine(model, prompts, args, **config) -> Engine:
     t, n, bs = prompts[0][0].numel(), args.new_tokens, args.block_size
     blocks = len(prompts) * (-(-t // bs)) + len(prompts) * args.group * (-(-n // bs) + 2) + 16
     return Engine(model, block_size=bs, num_blocks=blocks, max_num_seqs=len(prompts) * args.group,
-                  max_num_batched_tokens=8192, max_model_len=t + n + bs)
+                  max_num_batched_tokens=8192, max_model_len=t + n + bs, **config)
 
 
 def main() -> None:
@@ -138,11 +173,14 @@ def main() -> None:
     profiler.disable()
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.top)
+    graphed = engine.runner.graphs is not None
+    del engine  # its KV cache, before the stubbed run's engine takes one
+    stub_ms = stub_host_ms(model, prompts, requests, params, args)
 
     report = Report("host_profile", device)
     report.card = dict(model=f"{args.model} qwen2_5_vl (random weights) {dtype}", decode_batch=args.batch * args.group,
                        prompt_tokens=prompts[0][0].numel(), new_tokens=args.new_tokens,
-                       cuda_graphs=engine.runner.graphs is not None,
+                       cuda_graphs=graphed,
                        host_path=os.environ.get("RLPT_HOST_PATH", "auto") + f" (native built: {native_available()})")
     report.print_card()
     print(text.getvalue())
@@ -150,10 +188,12 @@ def main() -> None:
     idle_ms = None if idle_s is None else 1e3 * idle_s
     report.rows.append(dict(decode_batch=args.batch * args.group, step_ms=step_ms, device_wait_ms=1e3 * wait_s,
                             host_ms=host_ms, host_share=host_ms / step_ms, gpu_idle_ms=idle_ms,
-                            idle_share=None if idle_ms is None else idle_ms / step_ms))
+                            idle_share=None if idle_ms is None else idle_ms / step_ms, stub_host_ms=stub_ms,
+                            stub_share=stub_ms / step_ms if device == "cuda" else None))
     report.print_table(["decode_batch", "step_ms", "device_wait_ms", "host_ms", "host_share", "gpu_idle_ms",
-                        "idle_share"])
+                        "idle_share", "stub_host_ms", "stub_share"])
     report.finish(dict(host_share=host_ms / step_ms, idle_share=None if idle_ms is None else idle_ms / step_ms,
+                       stub_host_ms=stub_ms, stub_share=stub_ms / step_ms if device == "cuda" else None,
                        goal="host share <= 10% of a decode step at batch 64, else move the hot path to csrc/"))
 
 
