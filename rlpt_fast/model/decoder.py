@@ -29,7 +29,7 @@ from rlpt_kernels.backend import backend_for
 
 from .attention import AttentionFn
 from .config import ModelConfig
-from .packed_linear import project
+from .packed_linear import PackedProjections, project
 from .rope import apply_rotary_tables, mrope_cos_sin, rotary_tables
 
 
@@ -56,8 +56,8 @@ class RMSNorm(nn.Module):
         return rlpt_kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
 
-class SelfAttention(nn.Module):
-    PACKED_PROJECTIONS = (("q_proj", "k_proj", "v_proj"),)  # packed_linear.pack_projections
+class SelfAttention(PackedProjections):
+    PACKED_PROJECTIONS = (("q_proj", "k_proj", "v_proj"),)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -84,7 +84,7 @@ class SelfAttention(nn.Module):
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 
 
-class MLP(nn.Module):
+class MLP(PackedProjections):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
     PACKED_PROJECTIONS = (("gate_proj", "up_proj"),)

@@ -193,19 +193,19 @@ def refresh_lora_caches(model: nn.Module, dtype: torch.dtype | None = None) -> i
 
 
 def _refresh_group_caches(model: nn.Module) -> None:
-    """Each packed group (PACKED_PROJECTIONS, packed_linear.py) whose members are all adapted with
-    refreshed caches of one dtype gets its GroupCache (on its first member) refreshed from them."""
-    for module in model.modules():
-        for names in getattr(module, "PACKED_PROJECTIONS", ()):
-            members = [getattr(module, name) for name in names]
-            if not all(isinstance(m, LoRALinear) and m.inference_cache.a is not None for m in members):
-                continue
-            caches = [m.inference_cache for m in members]
-            if any(c.dtype != caches[0].dtype for c in caches):
-                caches[0].group = None
-                continue
-            caches[0].group = caches[0].group or _inference.GroupCache()
-            caches[0].group.refresh(caches)
+    """Each packed group (packed_linear.py) whose members are all adapted with refreshed caches of
+    one dtype gets its GroupCache (on its first member) refreshed from them."""
+    from .packed_linear import projection_groups  # it imports this module
+
+    for members in projection_groups(model):
+        if not all(isinstance(m, LoRALinear) and m.inference_cache.a is not None for m in members):
+            continue
+        caches = [m.inference_cache for m in members]
+        if any(c.dtype != caches[0].dtype for c in caches):
+            caches[0].group = None
+            continue
+        caches[0].group = caches[0].group or _inference.GroupCache()
+        caches[0].group.refresh(caches)
 
 
 @contextmanager

@@ -8,9 +8,10 @@ data into one tensor, each Parameter becoming a row block of it (`pack_linears`)
 objects stay the same, so the optimizer, load_state_dict and the loader keep updating them in
 place and a packed GEMM always reads the current weights: nothing is copied to refresh.
 
-Anything that replaces a parameter's data (`model.to(...)`, FSDP's sharding) silently breaks the
-packing; `packed_operands` checks the layout on every call (a few pointer compares) and `project`
-then runs the projections one by one. The packed GEMM is used only where no gradient is needed for
+Modules that hold such groups derive from `PackedProjections` and name them. Anything that
+replaces a parameter's data (`model.to(...)`, FSDP's sharding) silently breaks the packing;
+`packed_operands` checks the layout on every call (a few pointer compares) and `project` then runs
+the projections one by one. The packed GEMM is used only where no gradient is needed for
 the packed weights (inference, the reference policy, LoRA training with the base frozen): the
 parameters' own gradients would not flow through it.
 """
@@ -51,7 +52,9 @@ def pack_linears(modules: Sequence[nn.Module]) -> bool:
         return False  # a DTensor shard (FSDP), mixed dtypes or devices: leave them alone
     if any(w.shape[1] != w0.shape[1] for w in weights) or any((b is None) != (biases[0] is None) for b in biases):
         return False
-    with torch.no_grad():
+    # inference_mode(False) first (it turns grad mode on): packing inside inference mode must not
+    # turn the weights into inference tensors, which autograd refuses to save for a training backward
+    with torch.inference_mode(False), torch.no_grad():
         _move_into_one(weights)
         if biases[0] is not None:
             _move_into_one(biases)
@@ -66,17 +69,41 @@ def _move_into_one(params: list[nn.Parameter]) -> None:
         start += p.shape[0]
 
 
+class PackedProjections(nn.Module):
+    """Base of a module whose projections read one input: PACKED_PROJECTIONS names each group
+    (attribute names, in output order). Moving or casting the module (Module._apply: to, cuda,
+    half, ...) gives its parameters new data: the views cached for its groups are dropped then,
+    since they would keep the old storage alive."""
+
+    PACKED_PROJECTIONS: tuple[tuple[str, ...], ...] = ()
+
+    def projection_groups(self) -> list[list[nn.Module]]:
+        return [[getattr(self, name) for name in names] for names in self.PACKED_PROJECTIONS]
+
+    def _apply(self, fn, recurse=True):
+        for group in self.projection_groups():
+            base = _base(group[0])
+            if base is not None:
+                _checked.pop(base, None)
+        return super()._apply(fn, recurse)
+
+
+def projection_groups(model: nn.Module) -> list[list[nn.Module]]:
+    """Every group of projections the model's PackedProjections modules name."""
+    return [group for m in model.modules() if isinstance(m, PackedProjections) for group in m.projection_groups()]
+
+
 # The last layout check per group, keyed by its first base Linear: (parameter addresses, operands).
-# project() runs per layer per step, and the check (storage objects, offsets) costs ~25 us of host
-# time; comparing addresses costs ~1. A hit is sound: cached operands keep their storage alive, and no
-# other live allocation overlaps it, so parameters found at the same addresses are views of it.
-# (So a packed storage whose parameters were replaced lives on until its group's next call.)
+# project() runs per layer per step, and the full check costs ~25 us of host time per group; the
+# addresses, ~3. A hit is sound: the cached operands keep their storage alive, and no other live
+# allocation overlaps it, so parameters found at the same addresses are still its row blocks.
 _checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def packed_operands(modules: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(weight (sum out, in), bias (sum out,) or None) viewing the modules' parameters in order, if
-    they are consecutive row blocks of one storage; else None. The views are detached."""
+    they are consecutive row blocks of one allocation; else None. The views are detached (normal
+    tensors even when made in inference mode)."""
     bases = [_base(m) for m in modules]
     if any(b is None for b in bases):
         return None
@@ -84,7 +111,7 @@ def packed_operands(modules: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.T
     hit = _checked.get(bases[0])
     if hit is not None and hit[0] == addresses:
         return hit[1]
-    operands = _check_layout(bases)  # views of normal tensors, normal even when made in inference mode
+    operands = _check_layout(bases)
     _checked[bases[0]] = (addresses, operands)
     return operands
 
@@ -102,16 +129,21 @@ def _check_layout(bases: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | 
 
 
 def _consecutive(params: list[torch.Tensor]) -> torch.Tensor | None:
-    """The tensor the params are consecutive blocks (along dim 0) of, or None."""
+    """A view of the params stacked along dim 0, if each is contiguous, shaped like the first past
+    dim 0, and starts where the one before ends; else None. The view is made from the first
+    param's storage, which torch bounds-checks: it exists only if that storage spans them all,
+    and then its rows are the params' own bytes."""
     p0 = params[0]
-    row = p0[0].numel() if p0.dim() > 1 else 1
-    storage, offset, rows = p0.untyped_storage().data_ptr(), p0.storage_offset(), 0
+    end, rows = p0.data_ptr(), 0
     for p in params:
-        if (p.dtype != p0.dtype or p.device != p0.device or p.shape[1:] != p0.shape[1:] or not p.is_contiguous()
-                or p.untyped_storage().data_ptr() != storage or p.storage_offset() != offset + rows * row):
+        if p.dtype is not p0.dtype or p.shape[1:] != p0.shape[1:] or not p.is_contiguous() or p.data_ptr() != end:
             return None
+        end += p.numel() * p.element_size()
         rows += p.shape[0]
-    return p0.detach().as_strided((rows, *p0.shape[1:]), p0.stride())
+    try:
+        return p0.detach().as_strided((rows, *p0.shape[1:]), p0.stride())
+    except RuntimeError:  # back to back by chance, in separate allocations
+        return None
 
 
 def project(x: torch.Tensor, modules: Sequence[nn.Module]) -> list[torch.Tensor]:
@@ -142,28 +174,36 @@ def _pinned_group(modules: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor
 
 
 def _needs_own_calls(modules: Sequence[nn.Module]) -> bool:
-    """Hooks on a projection (they must see its call), or a gradient wanted for a packed weight."""
-    if any(m._forward_hooks or m._forward_pre_hooks for m in modules):
+    """Hooks on a projection or its base Linear, or global module hooks (they must see its call),
+    or a gradient wanted for a packed weight."""
+    bases = [_base(m) for m in modules]
+    if any(_GLOBAL_HOOKS):
+        return True
+    if any(_has_hooks(m) or (b is not None and _has_hooks(b)) for m, b in zip(modules, bases)):
         return True
     if not torch.is_grad_enabled():
         return False
-    bases = [_base(m) for m in modules]
     return any(b is None or b.weight.requires_grad or (b.bias is not None and b.bias.requires_grad) for b in bases)
 
 
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+# torch.nn.modules.module's registries of hooks for every module (register_module_forward_hook, ...)
+_GLOBAL_HOOKS = tuple(getattr(nn.modules.module, name, None) for name in (
+    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
+
+
 def pack_projections(model: nn.Module) -> int:
-    """Packs every group of projections the model's modules name in `PACKED_PROJECTIONS` (the
-    decoder's q/k/v and gate/up); returns how many groups are packed. Idempotent; call it again
+    """Packs every group of projections the model's PackedProjections modules name (the decoder's
+    q/k/v and gate/up); returns how many groups are packed. Idempotent; call it again
     after anything that replaced parameter data (model.to, load_state_dict(assign=True)). A model
     sharded with FSDP is left alone: FSDP owns its parameters' storage (it frees and re-allocates
     the gathered parameters' storage at every reshard), so it returns 0."""
     if _fsdp_sharded(model):
         return 0
-    packed = 0
-    for module in model.modules():
-        for group in getattr(module, "PACKED_PROJECTIONS", ()):
-            packed += pack_linears([getattr(module, name) for name in group])
-    return packed
+    return sum(pack_linears(group) for group in projection_groups(model))
 
 
 def _fsdp_sharded(model: nn.Module) -> bool:

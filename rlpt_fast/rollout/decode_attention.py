@@ -145,7 +145,8 @@ def _decode_combine_kernel(O_part, Lse, Out, num_splits, stride_pb, stride_ph, s
     w = tl.exp(lse - tl.max(lse, 0))                                   # empty splits weigh 0
     o = tl.load(O_part + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :],
                 mask=(s[:, None] < num_splits) & (d[None, :] < HEAD_DIM), other=0.0)
-    out = tl.sum(tl.where(w[:, None] > 0, o * w[:, None], 0.0), 0) / tl.sum(w, 0)
+    # an empty split's o may be unwritten memory (NaN): select before multiplying, 0 * NaN is NaN
+    out = tl.sum(tl.where(w[:, None] > 0, o, 0.0) * w[:, None], 0) / tl.sum(w, 0)
     tl.store(Out + b * stride_ob + h * stride_oh + d, out.to(Out.dtype.element_ty), mask=d < HEAD_DIM)
 
 

@@ -8,7 +8,6 @@ import torch
 
 from rlpt_fast.model import load_model
 from rlpt_fast.model.lora import LoRAConfig, apply_lora
-from rlpt_fast.model.packed_linear import pack_projections
 from rlpt_fast.train.config import TrainConfig
 
 
@@ -32,7 +31,6 @@ def build_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, giv
             ref = (copy.deepcopy(model) if given is not None else
                    load_model(cfg.model.path, dtype=model.dtype, device=model.device))
             ref.eval().requires_grad_(False)
-            pack_projections(ref)  # its forwards are gradient-free: one GEMM for q/k/v, one for gate/up
     else:
         lc = cfg.lora
         apply_lora(model, LoRAConfig(lc.r, lc.alpha, lc.dropout, tuple(lc.target_modules) or None))

@@ -10,7 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from rlpt_fast.model import load_model
 from rlpt_fast.model.lora import LoRAConfig, LoRALinear, apply_lora, pinned_lora_caches
 from rlpt_fast.model.lora_io import save_merged
-from rlpt_fast.model.packed_linear import pack_linears, pack_projections, packed_operands, project
+from rlpt_fast.model import packed_linear
+from rlpt_fast.model.packed_linear import PackedProjections, pack_linears, pack_projections, packed_operands, project
 from rlpt_fast.rollout import Engine, Request, SamplingParams
 from rlpt_fast.testing import write_tiny_checkpoint
 
@@ -140,7 +141,7 @@ def test_pinned_lora_adds_into_its_slice_in_place():
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
-class QKV(nn.Module):
+class QKV(PackedProjections):
     """A packed group as the decoder declares one."""
     PACKED_PROJECTIONS = (("q", "k", "v"),)
 
@@ -226,6 +227,53 @@ def test_replaced_data_falls_back_and_packs_again():
         assert _gemms(lambda: project(x, mods)) == 3
         assert pack_linears(mods)
         assert _gemms(lambda: project(x, mods)) == 1
+
+
+def test_packing_inside_inference_mode_leaves_trainable_weights():
+    """An engine may be built inside torch.inference_mode(): the packed weights must stay normal
+    tensors, or every later training backward through them fails."""
+    mods = [LoRALinear(m, r=2, alpha=4.0, dropout=0.0) for m in _qkv()]
+    with torch.inference_mode():
+        assert pack_linears(mods)
+    assert not any(m.base_layer.weight.is_inference() for m in mods)
+    x = torch.randn(3, 24, requires_grad=True)
+    sum(m(x).sum() for m in mods).backward()
+    assert x.grad is not None
+
+
+def test_moving_a_module_drops_its_cached_views():
+    """The views cached for a group hold its packed storage: .to() (Module._apply) must let it go."""
+    model = QKV()
+    pack_projections(model)
+    with torch.no_grad():
+        project(torch.randn(2, 24), model.members)
+    assert model.q.base_layer in packed_linear._checked
+    model.to(torch.float64)
+    assert model.q.base_layer not in packed_linear._checked
+    assert packed_operands(model.members) is None  # new storage per parameter: one call per projection
+
+
+@pytest.mark.parametrize("where", ["wrapper", "base", "global"])
+def test_any_hook_keeps_the_calls(where):
+    """A forward hook on the LoRA wrapper, on its base Linear or on every module must see its call."""
+    model = QKV()
+    pack_projections(model)
+    seen = []
+    hook = lambda module, args, out: seen.append(module)  # noqa: E731
+    if where == "wrapper":
+        handle = model.k.register_forward_hook(hook)
+    elif where == "base":
+        handle = model.k.base_layer.register_forward_hook(hook)
+    else:
+        handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            project(torch.randn(2, 24), model.members)
+    finally:
+        handle.remove()
+    assert model.k.base_layer in seen or model.k in seen
+    with torch.no_grad():
+        assert _gemms(lambda: project(torch.randn(2, 24), model.members)) == 1 + 2 * 3  # hooks gone: packed
 
 
 def test_not_packable_groups_are_left_alone():

@@ -105,7 +105,7 @@ def test_store_kv_reads_column_slices_of_a_packed_projection(impl, device):
     slots = torch.tensor([5, 0, 9, 2, 15], device=device)
     impl(k, v, k_cache, v_cache, slots)
     assert torch.equal(k_cache.view(-1, 2, 16)[slots], k) and torch.equal(v_cache.view(-1, 2, 16)[slots], v)
-    k_t = k.transpose(1, 2).contiguous().transpose(1, 2)  # head dim contiguous, heads not adjacent
+    k_t = k.transpose(1, 2).contiguous().transpose(1, 2)  # strides (32, 1, 2): head dim not contiguous
     impl(k_t, v, k_cache, v_cache, slots.flip(0))
     assert torch.equal(k_cache.view(-1, 2, 16)[slots.flip(0)], k)
 
