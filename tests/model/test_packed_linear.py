@@ -323,3 +323,16 @@ def test_engine_packs_and_samples_the_same(tmp_path, pack):
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
     for a, b in zip(got, want):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=1e-5, atol=1e-5)
+
+
+def test_recapture_packs_again_after_parameters_were_replaced(tmp_path):
+    path = write_tiny_checkpoint(tmp_path, "qwen2_5_vl", seed=4)
+    model = load_model(path, dtype=torch.float32)
+    engine = Engine(model, num_blocks=64)
+    mlp = model.model.language_model.layers[0].mlp
+    assert packed_operands([mlp.gate_proj, mlp.up_proj]) is not None
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)  # new tensors: the engine's packing is gone
+    assert packed_operands([mlp.gate_proj, mlp.up_proj]) is None
+    engine.recapture()
+    assert packed_operands([mlp.gate_proj, mlp.up_proj]) is not None
