@@ -104,7 +104,10 @@ def packed_operands(modules: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.T
     """(weight (sum out, in), bias (sum out,) or None) viewing the modules' parameters in order, if
     they are consecutive row blocks of one allocation; else None. The views are detached (normal
     tensors even when made in inference mode)."""
-    bases = [_base(m) for m in modules]
+    return _operands([_base(m) for m in modules])
+
+
+def _operands(bases: list[nn.Linear | None]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     if any(b is None for b in bases):
         return None
     addresses = tuple(p.data_ptr() for b in bases for p in (b.weight, b.bias) if p is not None)
@@ -150,11 +153,12 @@ def project(x: torch.Tensor, modules: Sequence[nn.Module]) -> list[torch.Tensor]
     """[m(x) for m in modules], from one GEMM when their weights are packed and no gradient is
     needed for them; LoRA wrappers add their adapters to their slices. Outputs may be column
     views of one (..., sum out) tensor (row stride = sum out, last dim contiguous)."""
-    operands = None if _needs_own_calls(modules) else packed_operands(modules)
+    bases = [_base(m) for m in modules]
+    operands = None if _needs_own_calls(modules, bases) else _operands(bases)
     if operands is None:
         return [m(x) for m in modules]
     y = F.linear(x, *operands)
-    sizes = [_base(m).out_features for m in modules]
+    sizes = [b.out_features for b in bases]
     group = _pinned_group(modules, x, y)
     if group is not None:  # every member adapted: their adapters as one low-rank pair, in place on y
         return list(add_low_rank_(y, x, group.a, group.b).split(sizes, dim=-1))
@@ -173,10 +177,9 @@ def _pinned_group(modules: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor
     return group if group.dtype is x.dtype else None
 
 
-def _needs_own_calls(modules: Sequence[nn.Module]) -> bool:
+def _needs_own_calls(modules: Sequence[nn.Module], bases: list[nn.Linear | None]) -> bool:
     """Hooks on a projection or its base Linear, or global module hooks (they must see its call),
     or a gradient wanted for a packed weight."""
-    bases = [_base(m) for m in modules]
     if any(_GLOBAL_HOOKS):
         return True
     if any(_has_hooks(m) or (b is not None and _has_hooks(b)) for m, b in zip(modules, bases)):
