@@ -31,22 +31,29 @@ def test_graphs_and_triton_match_torch_path_fp32(gpu_model):
             torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-3, rtol=0)
 
 
-def test_in_place_update_seen_by_captured_graphs(gpu_model):
-    cfg = gpu_model.config
-    req = [Request(*prompt(cfg, 3, [9]))]
+def _tokens_around_an_update(gpu_model, seed: int, weight: torch.Tensor, update) -> tuple[list, list, list]:
+    """Greedy tokens (before, after, want): a graphed engine's before and after `update(weight)`
+    (in place), and a fresh eager torch-path engine's after it. The weight is put back."""
+    req = [Request(*prompt(gpu_model.config, seed, [9]))]
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     engine = Engine(gpu_model, num_blocks=64, max_num_seqs=8, max_model_len=128)
     before = engine.generate(req, params)[0][0].token_ids
-    saved = gpu_model.lm_head.weight.detach().clone()
+    saved = weight.detach().clone()
     with torch.no_grad():
-        gpu_model.lm_head.weight[7] += 50 * gpu_model.lm_head.weight[7].sign()
+        update(weight)
     try:
         after = engine.generate(req, params)[0][0].token_ids
         fresh = Engine(gpu_model, attention_backend="torch", cuda_graphs=False, num_blocks=64, max_model_len=128)
         want = fresh.generate(req, params)[0][0].token_ids
     finally:
         with torch.no_grad():
-            gpu_model.lm_head.weight.copy_(saved)
+            weight.copy_(saved)
+    return before, after, want
+
+
+def test_in_place_update_seen_by_captured_graphs(gpu_model):
+    before, after, want = _tokens_around_an_update(gpu_model, 3, gpu_model.lm_head.weight,
+                                                   lambda w: w[7].add_(50 * w[7].sign()))
     assert after == want != before
 
 
@@ -56,27 +63,15 @@ def test_in_place_update_of_a_packed_projection_seen_by_captured_graphs(gpu_mode
     which an in-place update of one projection's Parameter writes."""
     from rlpt_fast.model.packed_linear import packed_operands
 
-    cfg = gpu_model.config
-    req = [Request(*prompt(cfg, 4, [9]))]
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    engine = Engine(gpu_model, num_blocks=64, max_num_seqs=8, max_model_len=128)
     layer = gpu_model.model.language_model.layers[0]
-    attn, mlp = layer.self_attn, layer.mlp
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    weight = layer.get_submodule(leaf).weight
+    std = weight.detach().std()
+    before, after, want = _tokens_around_an_update(
+        gpu_model, 4, weight, lambda w: w.copy_(torch.randn(w.shape, device="cuda", generator=gen) * std * 4))
+    attn, mlp = layer.self_attn, layer.mlp  # packed by the engines built above
     assert packed_operands([attn.q_proj, attn.k_proj, attn.v_proj]) is not None
     assert packed_operands([mlp.gate_proj, mlp.up_proj]) is not None
-    weight = layer.get_submodule(leaf).weight
-    before = engine.generate(req, params)[0][0].token_ids
-    saved = weight.detach().clone()
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    with torch.no_grad():
-        weight.copy_(torch.randn(weight.shape, device="cuda", generator=gen) * saved.std() * 4)
-    try:
-        after = engine.generate(req, params)[0][0].token_ids
-        fresh = Engine(gpu_model, attention_backend="torch", cuda_graphs=False, num_blocks=64, max_model_len=128)
-        want = fresh.generate(req, params)[0][0].token_ids
-    finally:
-        with torch.no_grad():
-            weight.copy_(saved)
     assert after == want != before
 
 
