@@ -110,7 +110,7 @@ for s in $STAGES; do
       rollout)  stage rollout 130 $PY benchmarks/bench_rollout.py ;;
       rollout_lora) stage rollout_lora 120 $PY benchmarks/bench_rollout.py --lora 64 ;;
       decode)   stage decode 90 $PY benchmarks/bench_decode_layer.py ;;
-      host)     stage host 45 $PY benchmarks/profile_host.py ;;
+      host)     stage host 60 $PY benchmarks/profile_host.py ;;  # 26 s on 2026-11-26, before the stubbed run
       train)    stage train 200 $PY benchmarks/bench_train_step.py --steps 1 ;;  # TRL: ~60 s a step
       memory7b) stage memory7b 65 $PY benchmarks/bench_train_step.py --memory-7b --steps 1 ;;
       kernels)  stage kernels 80 $PY benchmarks/bench_kernels.py --tokens 4096 16384 ;;
