@@ -141,6 +141,9 @@ def test_pinned_lora_adds_into_its_slice_in_place():
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
+RANKS = {"q": 2, "k": 3, "v": 4}  # unequal: the stacked A and the block diagonal need offsets
+
+
 class QKV(PackedProjections):
     """A packed group as the decoder declares one."""
     PACKED_PROJECTIONS = (("q", "k", "v"),)
@@ -149,7 +152,7 @@ class QKV(PackedProjections):
         super().__init__()
         for name, m in zip("qkv", _qkv()):
             if name in adapted:
-                m = LoRALinear(m, r=2 + len(name), alpha=4.0, dropout=0.1)  # unequal ranks: 3, 3, 3 + blocks
+                m = LoRALinear(m, r=RANKS[name], alpha=4.0, dropout=0.1)
                 nn.init.normal_(m.lora_B.weight)
             setattr(self, name, m)
         self.eval()
@@ -173,7 +176,10 @@ def test_pinned_group_runs_all_adapters_as_one_low_rank_pair():
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
     group = model.q.inference_cache.group
     assert group.a.shape == (9, 24) and group.b.shape == (32, 9)
-    assert group.b[:16, 3:].abs().sum() == 0 and group.b[16:24, :3].abs().sum() == 0  # block diagonal
+    # block diagonal: q's rows (16) use columns 0-1, k's (8) columns 2-4, v's (8) columns 5-8
+    assert group.b[:16, 2:].abs().sum() == 0 and group.b[16:24, :2].abs().sum() == 0
+    assert group.b[16:24, 5:].abs().sum() == 0 and group.b[24:, :5].abs().sum() == 0
+    assert group.b[24:, 5:].abs().sum() > 0
 
 
 def test_group_cache_refreshes_in_place_with_the_adapters():
