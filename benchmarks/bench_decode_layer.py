@@ -4,12 +4,13 @@ A decode step at batch 64-128 is launch-bound: ~35 kernels per layer, most of th
 elementwise ones (a bf16 RMSNorm alone is ~7). The fused path (rlpt_fast.model.decoder, taken
 when no gradient is needed on the Triton backend) runs each residual add + RMSNorm, the q/k rotary
 and SwiGLU's SiLU * up as one kernel each; path `packed` is the fused one over packed projections
-(q/k/v one GEMM, gate/up one: rlpt_fast/model/packed_linear.py), as the engine runs it. The paths
+(q/k/v one GEMM, gate/up one: rlpt_fast/model/packed_linear.py) with the q/k rotary in the launch
+that writes K/V into the paged cache (rollout/kv_store.py), as the engine runs it. The paths
 are timed as the engine runs them: inside a
 CUDA graph, over a chain of `--layers` distinct random-weight layers of Qwen2.5-VL-3B's shape
 (bf16), reported per layer, beside the floor (one layer's weight bytes / measured copy bandwidth).
-Attention is the identity (q passes through): it is the same in every path and bench_rollout
-measures it. Kernels per layer are counted two ways: launches seen by the dispatcher (non-view aten
+Attention stores K/V into a paged cache as the engine does and then passes q through: attending is
+the same in every path and bench_rollout measures it. Kernels per layer are counted two ways: launches seen by the dispatcher (non-view aten
 ops + Triton launches; any device) and GPU activities in torch.profiler (CUDA only, no graph).
 
     python benchmarks/bench_decode_layer.py                  # GPU: 3b (and --models 3b,7b), rows 64,128
@@ -39,6 +40,7 @@ from rlpt_fast.model.config import parse_config  # noqa: E402
 from rlpt_fast.model.decoder import DecoderLayer  # noqa: E402
 from rlpt_fast.model.packed_linear import pack_projections  # noqa: E402
 from rlpt_fast.model.rope import mrope_cos_sin, rotary_tables  # noqa: E402
+from rlpt_fast.rollout.kv_store import rotary_store_kv, store_kv  # noqa: E402
 
 SHAPES = {  # the text-config fields of the released checkpoints that shape one layer
     "3b": dict(hidden_size=2048, intermediate_size=11008, num_attention_heads=16, num_key_value_heads=2),
@@ -66,13 +68,29 @@ def build_layers(name: str, count: int, device: str, dtype: torch.dtype) -> list
     return layers
 
 
-def identity_attention(layer_idx, q, k, v):
-    return q
+class StoreOnlyAttention:
+    """The engine's K/V store (one cache slot per row, every layer writing the same cache), then q
+    passed through. fuses_rotary: the decoder hands q/k unrotated and the store rotates them
+    (rollout/attention.py does the same on its Triton backend)."""
+
+    def __init__(self, rows: int, heads: int, kv_heads: int, head_dim: int, device: str, dtype: torch.dtype,
+                 fuses_rotary: bool):
+        self.k_cache = torch.zeros(rows, 1, kv_heads, head_dim, device=device, dtype=dtype)
+        self.v_cache = torch.zeros_like(self.k_cache)
+        self.slots = torch.arange(rows, device=device)
+        self.fuses_rotary = fuses_rotary
+
+    def __call__(self, layer_idx, q, k, v, rotary=None):
+        if rotary is not None:
+            q, k = rotary_store_kv(q, k, v, *rotary, self.k_cache, self.v_cache, self.slots)
+        else:
+            store_kv(k, v, self.k_cache, self.v_cache, self.slots)
+        return q
 
 
 class Step:
-    """Static inputs of a decode step over the layer chain; `eager()` / `fused()` run it once
-    (`packed()` is `fused()`, named for the row of the table: the caller packs the layers first)."""
+    """Static inputs of a decode step over the layer chain; `eager()` / `fused()` / `packed()` run
+    it once (`packed()` is `fused()` with rotary in the K/V store: the caller packs the layers first)."""
 
     def __init__(self, layers: list[DecoderLayer], rows: int, device: str, dtype: torch.dtype):
         cfg = layers[0].self_attn
@@ -83,20 +101,23 @@ class Step:
         self.residual = torch.randn(rows, hidden, device=device, dtype=dtype, generator=gen)
         positions = (torch.arange(rows, device=device) + 1200).expand(3, rows)  # decode: one row per sequence
         self.cos, self.sin = rotary_tables(*mrope_cos_sin(positions, cfg.head_dim, 1e6, [cfg.head_dim // 2, 0, 0], dtype))
+        self.attention = {fuses: StoreOnlyAttention(rows, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, device,
+                                                    dtype, fuses) for fuses in (False, True)}
 
     def eager(self) -> torch.Tensor:
         x = self.x
         for layer in self.layers:
-            x = layer(x, self.cos, self.sin, identity_attention)
+            x = layer(x, self.cos, self.sin, self.attention[False])
         return x
 
-    def fused(self) -> torch.Tensor:
+    def fused(self, fuses_rotary: bool = False) -> torch.Tensor:
         x, residual = self.x, self.residual
         for layer in self.layers:
-            x, residual = layer(x, self.cos, self.sin, identity_attention, residual, fused=True)
+            x, residual = layer(x, self.cos, self.sin, self.attention[fuses_rotary], residual, fused=True)
         return x
 
-    packed = fused
+    def packed(self) -> torch.Tensor:
+        return self.fused(fuses_rotary=True)
 
 
 def profiler_kernels(fn, device: str) -> int | None:
@@ -183,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     ceilings = measure_ceilings(device)
     report = Report("decode_layer", device)
     report.card.update(models=models, rows=rows, layers_chained=args.layers, dtype=str(dtype).removeprefix("torch."),
-                       attention="identity (the same in every path)",
+                       attention="K/V store, then q passed through (attending is the same in every path)",
                        launches="per layer in bf16, counted by the dispatcher", copy_gbps=round(ceilings.copy_gbps, 1),
                        timing="CUDA graph replay, per layer" if gpu else
                        "DRY RUN: fused kernels in Triton's interpreter; CPU times are not a result")

@@ -124,16 +124,29 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rotate_heads(X, XOut, stride_n, stride_h, row, heads, c, s, d, rolled, d_mask,
-                  BLOCK_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
+def rotated_heads(X, stride_n, stride_h, row, heads, c, s, d, rolled, d_mask, BLOCK_HEADS: tl.constexpr):
+    """Row `row` of X (N, heads, D) rotated: (BLOCK_HEADS, BLOCK_D) in X's dtype, and its mask.
+    c, s: (1, BLOCK_D) fp32 cos / signed sin; d, rolled, d_mask: (1, BLOCK_D) from rotary_columns."""
     h = tl.arange(0, BLOCK_HEADS)[:, None]
     mask = (h < heads) & d_mask
     base = X + row * stride_n + h * stride_h
     x = tl.load(base + d, mask=mask, other=0.0).to(tl.float32)
     xr = tl.load(base + rolled, mask=mask, other=0.0).to(tl.float32)
-    a = (x * c).to(XOut.dtype.element_ty).to(tl.float32)
-    b = (xr * s).to(XOut.dtype.element_ty).to(tl.float32)
-    tl.store(XOut + (row * heads + h) * HEAD_DIM + d, (a + b).to(XOut.dtype.element_ty), mask=mask)
+    a = (x * c).to(X.dtype.element_ty).to(tl.float32)
+    b = (xr * s).to(X.dtype.element_ty).to(tl.float32)
+    return (a + b).to(X.dtype.element_ty), mask
+
+
+@triton.jit
+def rotary_columns(Cos, Sin, row, stride_cn, stride_sn, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Token `row`'s tables as (1, BLOCK_D) fp32 (c, s), with the column indices d, the rolled
+    columns (x.roll(D/2)[d] = x[d - D/2 mod D] = x[d + D/2 mod D]) and the column mask."""
+    d = tl.arange(0, BLOCK_D)[None, :]
+    d_mask = d < HEAD_DIM
+    rolled = (d + HEAD_DIM // 2) % HEAD_DIM
+    c = tl.load(Cos + row * stride_cn + d, mask=d_mask, other=0.0).to(tl.float32)
+    s = tl.load(Sin + row * stride_sn + d, mask=d_mask, other=0.0).to(tl.float32)
+    return c, s, d, rolled, d_mask
 
 
 @triton.jit
@@ -141,19 +154,17 @@ def _rotary_kernel(Q, K, Cos, Sin, QOut, KOut, stride_qn, stride_qh, stride_kn, 
                    stride_sn, HQ, HK, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    d = tl.arange(0, BLOCK_D)[None, :]
-    d_mask = d < HEAD_DIM
-    rolled = (d + HEAD_DIM // 2) % HEAD_DIM  # x.roll(D/2)[d] = x[d - D/2 mod D] = x[d + D/2 mod D]
-    c = tl.load(Cos + row * stride_cn + d, mask=d_mask, other=0.0).to(tl.float32)
-    s = tl.load(Sin + row * stride_sn + d, mask=d_mask, other=0.0).to(tl.float32)
-    _rotate_heads(Q, QOut, stride_qn, stride_qh, row, HQ, c, s, d, rolled, d_mask, BLOCK_HQ, HEAD_DIM)
-    _rotate_heads(K, KOut, stride_kn, stride_kh, row, HK, c, s, d, rolled, d_mask, BLOCK_HK, HEAD_DIM)
+    c, s, d, rolled, d_mask = rotary_columns(Cos, Sin, row, stride_cn, stride_sn, HEAD_DIM, BLOCK_D)
+    q, q_mask = rotated_heads(Q, stride_qn, stride_qh, row, HQ, c, s, d, rolled, d_mask, BLOCK_HQ)
+    tl.store(QOut + (row * HQ + tl.arange(0, BLOCK_HQ)[:, None]) * HEAD_DIM + d, q, mask=q_mask)
+    k, k_mask = rotated_heads(K, stride_kn, stride_kh, row, HK, c, s, d, rolled, d_mask, BLOCK_HK)
+    tl.store(KOut + (row * HK + tl.arange(0, BLOCK_HK)[:, None]) * HEAD_DIM + d, k, mask=k_mask)
 
 
-def _table(name: str, t: torch.Tensor, n: int, d: int) -> torch.Tensor:
+def _table(op: str, name: str, t: torch.Tensor, n: int, d: int) -> torch.Tensor:
     rows = t.reshape(n, d) if t.numel() == n * d else None
     if rows is None or t.shape[0] != n:
-        raise ValueError(f"rotary: {name} must be (N, 1, D) or (N, D) = ({n}, {d}), got {tuple(t.shape)}")
+        raise ValueError(f"{op}: {name} must be (N, 1, D) or (N, D) = ({n}, {d}), got {tuple(t.shape)}")
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
@@ -169,16 +180,8 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     hook may still hold, and a rotation in place would make apply_rotary_tables' callers' tensors
     change under them; a fresh output costs no extra bytes (the input is read once either way).
     """
-    if q.dim() != 3 or k.dim() != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] \
-            or q.shape[2] % 2 or k.dtype != q.dtype:
-        raise ValueError(f"rotary: q (N, Hq, D) and k (N, Hk, D) with one even D and dtype, "
-                         f"got q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}")
+    q, k, c, s, q_out, k_out = rotary_operands("rotary", q, k, cos, signed_sin)
     n, hq, d = q.shape
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    k = k if k.stride(-1) == 1 else k.contiguous()
-    c, s = _table("cos", cos, n, d), _table("signed_sin", signed_sin, n, d)
-    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    k_out = torch.empty(k.shape, dtype=q.dtype, device=q.device)
     if n:
         _rotary_kernel[(n,)](
             q, k, c, s, q_out, k_out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), c.stride(0),
@@ -186,3 +189,19 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
             BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HK=triton.next_power_of_2(k.shape[1]),
             num_warps=4)
     return q_out, k_out
+
+
+def rotary_operands(op: str, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor):
+    """rotary's arguments checked (errors name `op`) and laid out for a kernel: (q, k with a
+    contiguous head dim, cos and signed_sin as (N, D) rows, empty contiguous q_out and k_out)."""
+    if q.dim() != 3 or k.dim() != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] \
+            or q.shape[2] % 2 or k.dtype != q.dtype:
+        raise ValueError(f"{op}: q (N, Hq, D) and k (N, Hk, D) with one even D and dtype, "
+                         f"got q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}")
+    n, _, d = q.shape
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    c, s = _table(op, "cos", cos, n, d), _table(op, "signed_sin", signed_sin, n, d)
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=q.dtype, device=q.device)
+    return q, k, c, s, q_out, k_out

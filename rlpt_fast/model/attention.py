@@ -6,6 +6,10 @@ one (model.logits and parity tests use it); the engine passes a paged-KV one, tr
 
 AttentionFn = Callable[[int, Tensor, Tensor, Tensor], Tensor]:
     (layer_idx, q (N, Hq, D), k (N, Hkv, D), v (N, Hkv, D)) -> (N, Hq, D); q and k already rotated.
+One whose attribute `fuses_rotary` is true also takes q and k unrotated with the keyword
+`rotary=(cos, signed_sin)` (rope.rotary_tables' (N, 1, D) tensors) and rotates them itself: the
+engine's paged attention does it in the launch that writes K/V into its cache. The decoder uses
+that form only on its fused (gradient-free Triton) path.
 """
 from __future__ import annotations
 

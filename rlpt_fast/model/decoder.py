@@ -70,17 +70,21 @@ class SelfAttention(PackedProjections):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionFn,
                 layer_idx: int, fused: bool = False) -> torch.Tensor:
-        """cos, sin: rope.rotary_tables (N, 1, D). fused: q and k rotated by one kernel."""
+        """cos, sin: rope.rotary_tables (N, 1, D). fused: q and k rotated by one kernel, or by the
+        attention function's K/V store where it offers that (`fuses_rotary`, attention.py)."""
         n = x.shape[0]
         q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))  # views of one GEMM's output when packed
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        if fused:
-            q, k = rlpt_kernels.rotary(q, k, cos, sin)
+        if fused and getattr(attn, "fuses_rotary", False):
+            out = attn(layer_idx, q, k, v, rotary=(cos, sin))  # rotated as K/V are cached (one launch)
         else:
-            q, k = apply_rotary_tables(q, cos, sin), apply_rotary_tables(k, cos, sin)
-        out = attn(layer_idx, q, k, v)  # (N, Hq, D)
+            if fused:
+                q, k = rlpt_kernels.rotary(q, k, cos, sin)
+            else:
+                q, k = apply_rotary_tables(q, cos, sin), apply_rotary_tables(k, cos, sin)
+            out = attn(layer_idx, q, k, v)  # (N, Hq, D)
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 
 

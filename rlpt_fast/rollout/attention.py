@@ -1,6 +1,8 @@
 """The AttentionFn the engine hands to model.forward_hidden: store new K/V, then attend.
 
-The backend (Triton kernels or their torch references) is chosen once, here, by device.
+The backend (Triton kernels or their torch references) is chosen once, here, by device. With
+the Triton backend the function takes q and k unrotated from the decoder's fused path
+(`fuses_rotary`, model/attention.py) and rotates them in the launch that stores K/V.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from rlpt_fast.rollout.prefill_attention import PrefillMeta, prefill_attention
 @dataclass(frozen=True)
 class Backend:
     store_kv: object
+    rotary_store_kv: object
     decode_attention: object
     name: str
 
@@ -26,8 +29,9 @@ class Backend:
 def choose_backend(device: torch.device, preference: str = "auto") -> Backend:
     triton = preference == "triton" or (preference == "auto" and device.type == "cuda")
     if triton:
-        return Backend(kv_store.store_kv, dec.decode_attention, "triton")
-    return Backend(kv_store.store_kv_reference, dec.decode_attention_reference, "torch")
+        return Backend(kv_store.store_kv, kv_store.rotary_store_kv, dec.decode_attention, "triton")
+    return Backend(kv_store.store_kv_reference, kv_store.rotary_store_kv_reference, dec.decode_attention_reference,
+                   "torch")
 
 
 @dataclass
@@ -52,9 +56,12 @@ def paged_attention(kv_cache: torch.Tensor, backend: Backend, meta: DecodeMeta |
     scale = kv_cache.shape[-1] ** -0.5
     gathered: dict = {}  # torch backend: context slots computed once per step, shared by all layers
 
-    def attn(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attn(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         k_cache, v_cache = kv_cache[0, layer_idx], kv_cache[1, layer_idx]
-        if backend.name == "torch" and meta is not None and not meta.padded:
+        if rotary is not None:
+            q, k = backend.rotary_store_kv(q, k, v, *rotary, k_cache, v_cache, slot_mapping)
+        elif backend.name == "torch" and meta is not None and not meta.padded:
             # the runner built every row (no -1 to skip) and the shapes: store without the checks
             rows = gathered.get("rows")
             if rows is None:
@@ -78,4 +85,5 @@ def paged_attention(kv_cache: torch.Tensor, backend: Backend, meta: DecodeMeta |
             gathered["all"] = dec.context_slots(meta.block_tables, meta.context_lens, k_cache.shape[1])
         return dec.attend_slots(q, k_cache, v_cache, *gathered["all"], scale)
 
+    attn.fuses_rotary = backend.name == "triton"  # one launch fewer per layer where launches count
     return attn

@@ -84,20 +84,30 @@ def test_training_forward_stays_eager_under_the_triton_backend(tiny_ckpt, launch
 
 
 def test_engine_greedy_tokens_equal_with_fused_decoder(tiny_ckpt, launches, monkeypatch):
+    """Eager decoder and torch attention; fused decoder and torch attention (rlpt_kernels.rotary);
+    fused decoder and Triton attention (rotary in the K/V store's launch, as on a GPU)."""
+    from rlpt_fast.rollout import kv_store
     model = load_model(tiny_ckpt, dtype=torch.float32).eval()
     prompts = [_image_prompt(model.config, seed=4),
                (torch.randint(0, 300, (13,), generator=torch.Generator().manual_seed(5)), None, None)]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    stored = []
+    fused_store = kv_store.rotary_store_kv
+    monkeypatch.setattr(kv_store, "rotary_store_kv", lambda *a: stored.append(1) or fused_store(*a))
     outs = {}
-    for backend in ("torch", "triton"):
-        monkeypatch.setenv("RLPT_KERNELS_BACKEND", backend)
-        got = Engine(model, num_blocks=32, block_size=4).generate([Request(*p) for p in prompts], params)
-        outs[backend] = [o[0].token_ids for o in got]
-        logprobs = [o[0].logprobs for o in got]
-        outs[backend + " logprobs"] = torch.tensor(logprobs)
-        assert (launches["rotary"] > 0) == (backend == "triton")  # prefill and decode steps fused
-    assert outs["triton"] == outs["torch"]
-    torch.testing.assert_close(outs["triton logprobs"], outs["torch logprobs"], rtol=1e-4, atol=1e-4)
+    for kernels, attention in (("torch", "torch"), ("triton", "torch"), ("triton", "triton")):
+        monkeypatch.setenv("RLPT_KERNELS_BACKEND", kernels)
+        launches["rotary"], stored[:] = 0, []
+        engine = Engine(model, num_blocks=32, block_size=4, attention_backend=attention)
+        got = engine.generate([Request(*p) for p in prompts], params)
+        outs[kernels, attention] = [o[0].token_ids for o in got], torch.tensor([o[0].logprobs for o in got])
+        # prefill and decode steps: rotary fused with the K/V store where the attention is Triton's
+        assert (launches["rotary"] > 0) == ((kernels, attention) == ("triton", "torch"))
+        assert bool(stored) == (attention == "triton")
+    want_tokens, want_logprobs = outs["torch", "torch"]
+    for tokens, logprobs in outs.values():
+        assert tokens == want_tokens
+        torch.testing.assert_close(logprobs, want_logprobs, rtol=1e-4, atol=1e-4)
 
 
 def _rel(a, exact):

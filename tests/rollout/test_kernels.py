@@ -8,7 +8,13 @@ from rlpt_fast.rollout.decode_attention import (
     decode_attention,
     decode_attention_reference,
 )
-from rlpt_fast.rollout.kv_store import store_kv, store_kv_reference
+from rlpt_fast.rollout.kv_store import (
+    rotary_store_kv,
+    rotary_store_kv_reference,
+    store_kv,
+    store_kv_reference,
+)
+from rlpt_kernels import reference as kernel_reference
 from rlpt_fast.rollout.prefill_attention import PrefillMeta, prefill_attention
 
 
@@ -108,6 +114,74 @@ def test_store_kv_reads_column_slices_of_a_packed_projection(impl, device):
     k_t = k.transpose(1, 2).contiguous().transpose(1, 2)  # strides (32, 1, 2): head dim not contiguous
     impl(k_t, v, k_cache, v_cache, slots.flip(0))
     assert torch.equal(k_cache.view(-1, 2, 16)[slots.flip(0)], k)
+
+
+def _rotary_tables(n, d, gen, dtype, device):
+    """cos, signed sin (N, 1, D) as rope.rotary_tables makes them, at random positions."""
+    from rlpt_fast.model.rope import inv_freq, rotary_tables
+    freqs = torch.randint(0, 4000, (n,), generator=gen).double()[:, None] * inv_freq(d, 1e6).double()
+    emb = torch.cat([freqs, freqs], -1)
+    return rotary_tables(emb.cos().to(dtype).to(device), emb.sin().to(dtype).to(device))
+
+
+@pytest.mark.parametrize("impl", [rotary_store_kv, rotary_store_kv_reference])
+@pytest.mark.parametrize("hq,hkv,d", [(7, 1, 6), (6, 3, 10), (4, 2, 16)])
+def test_rotary_store_kv_rotates_and_caches_in_one_pass(impl, hq, hkv, d, device):
+    """q, k, v as views of one packed projection (token rows strided); slot -1 stores nothing;
+    the rotation is rlpt_kernels.rotary's and the fp64 textbook one's; v is cached as given."""
+    gen = torch.Generator().manual_seed(hq * d + hkv)
+    n, block = 5, 4
+    qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=gen).to(device)
+    q = qkv[:, :hq * d].view(n, hq, d)
+    k = qkv[:, hq * d:(hq + hkv) * d].view(n, hkv, d)
+    v = qkv[:, (hq + hkv) * d:].view(n, hkv, d)
+    cos, sin = _rotary_tables(n, d, gen, torch.float32, device)
+    k_cache = torch.full((4, block, hkv, d), 7.0, device=device)
+    v_cache = torch.full_like(k_cache, 7.0)
+    slots = torch.tensor([6, 0, -1, 13, 2], device=device)
+    q_out, k_out = impl(q, k, v, cos, sin, k_cache, v_cache, slots)
+    q_ref, k_ref = kernel_reference.rotary(q, k, cos, sin)
+    torch.testing.assert_close(q_out, q_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(k_out, k_ref, rtol=1e-6, atol=1e-6)
+    half = d // 2
+    for x, out in ((q, q_out), (k, k_out)):
+        rot = torch.cat([-x[..., half:], x[..., :half]], -1).double()
+        exact = x.double() * cos.double() + rot * torch.cat([-sin[..., :half], sin[..., half:]], -1).double()
+        torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-6)
+    keep = slots >= 0
+    flat_k, flat_v = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)
+    assert torch.equal(flat_k[slots[keep]], k_out[keep]) and torch.equal(flat_v[slots[keep]], v[keep])
+    untouched = [s for s in range(4 * block) if s not in slots.tolist()]
+    assert bool((flat_k[untouched] == 7.0).all()) and bool((flat_v[untouched] == 7.0).all())
+
+
+def test_rotary_store_kv_rejects_bad_arguments(device):
+    q, k = torch.zeros(2, 4, 8, device=device), torch.zeros(2, 2, 8, device=device)
+    cos, sin = torch.ones(2, 1, 8, device=device), torch.zeros(2, 1, 8, device=device)
+    cache = torch.zeros(3, 4, 2, 8, device=device)
+    with pytest.raises(ValueError, match="rotary_store_kv: slot_mapping must be"):
+        rotary_store_kv(q, k, k, cos, sin, cache, cache.clone(), torch.tensor([0], device=device))
+    with pytest.raises(ValueError, match="rotary_store_kv: cos must be"):
+        rotary_store_kv(q, k, k, cos[:1], sin, cache, cache.clone(), torch.tensor([0, 1], device=device))
+
+
+@pytest.mark.gpu
+def test_bf16_rotary_store_kv_is_rotary_then_store_bit_for_bit():
+    """On the device, in bf16 at a 3B layer's shape: the fused launch gives exactly what
+    rlpt_kernels.rotary and store_kv give one after the other."""
+    from rlpt_kernels.decode_ops import rotary
+    gen = torch.Generator().manual_seed(3)
+    qkv = torch.randn(128, 20 * 128, generator=gen).to("cuda", torch.bfloat16)  # 16 q heads, 2 kv heads
+    q, k, v = qkv[:, :2048].view(128, 16, 128), qkv[:, 2048:2304].view(128, 2, 128), qkv[:, 2304:].view(128, 2, 128)
+    cos, sin = _rotary_tables(128, 128, gen, torch.bfloat16, "cuda")
+    slots = torch.randperm(512, generator=gen)[:128].cuda()
+    fused = [torch.zeros(32, 16, 2, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    apart = [c.clone() for c in fused]
+    q_fused, k_fused = rotary_store_kv(q, k, v, cos, sin, *fused, slots)
+    q_apart, k_apart = rotary(q, k, cos, sin)
+    store_kv(k_apart, v, *apart, slots)
+    assert torch.equal(q_fused, q_apart) and torch.equal(k_fused, k_apart)
+    assert torch.equal(fused[0], apart[0]) and torch.equal(fused[1], apart[1])
 
 
 def test_store_kv_rejects_wrong_dtype():
