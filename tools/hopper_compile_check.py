@@ -83,6 +83,7 @@ DECODE_OP_CONSTEXPRS = {
     "_rotary_kernel": [{"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_HQ": 16, "BLOCK_HK": 2},
                        {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_HQ": 32, "BLOCK_HK": 4}],
 }
+DECODE_OP_CONSTEXPRS["_rotary_store_kv_kernel"] = DECODE_OP_CONSTEXPRS["_rotary_kernel"]  # rollout/kv_store.py
 
 
 def hopper_variants(name: str, desc: dict) -> list[dict]:
