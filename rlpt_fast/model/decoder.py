@@ -57,7 +57,7 @@ class RMSNorm(nn.Module):
 
 
 class SelfAttention(PackedProjections):
-    PACKED_PROJECTIONS = (("q_proj", "k_proj", "v_proj"),)
+    PACKED_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("o_proj",))  # o_proj alone: for LoRA (packed_linear.py)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -85,13 +85,13 @@ class SelfAttention(PackedProjections):
             else:
                 q, k = apply_rotary_tables(q, cos, sin), apply_rotary_tables(k, cos, sin)
             out = attn(layer_idx, q, k, v)  # (N, Hq, D)
-        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+        return project(out.reshape(n, self.num_heads * self.head_dim), (self.o_proj,))[0]
 
 
 class MLP(PackedProjections):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    PACKED_PROJECTIONS = (("gate_proj", "up_proj"),)
+    PACKED_PROJECTIONS = (("gate_proj", "up_proj"), ("down_proj",))
 
     def __init__(self, hidden: int, inner: int):
         super().__init__()
@@ -101,7 +101,7 @@ class MLP(PackedProjections):
 
     def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         gate, up = project(x, (self.gate_proj, self.up_proj))
-        return self.down_proj(rlpt_kernels.silu_mul(gate, up) if fused else F.silu(gate) * up)
+        return project(rlpt_kernels.silu_mul(gate, up) if fused else F.silu(gate) * up, (self.down_proj,))[0]
 
 
 class DecoderLayer(nn.Module):

@@ -194,8 +194,9 @@ def refresh_lora_caches(model: nn.Module, dtype: torch.dtype | None = None) -> i
 
 def _refresh_group_caches(model: nn.Module) -> None:
     """Each packed group (packed_linear.py) whose members are all adapted with refreshed caches of
-    one dtype gets its GroupCache (on its first member) refreshed from them."""
-    from .packed_linear import projection_groups  # it imports this module
+    one dtype gets its GroupCache (on its first member) refreshed from them (its A into the rows
+    reserved for it after the group's weights, where there are such rows)."""
+    from .packed_linear import adapter_operands, projection_groups  # it imports this module
 
     for members in projection_groups(model):
         if not all(isinstance(m, LoRALinear) and m.inference_cache.a is not None for m in members):
@@ -205,7 +206,7 @@ def _refresh_group_caches(model: nn.Module) -> None:
             caches[0].group = None
             continue
         caches[0].group = caches[0].group or _inference.GroupCache()
-        caches[0].group.refresh(caches)
+        caches[0].group.refresh(caches, adapter_operands(members))
 
 
 @contextmanager

@@ -32,6 +32,9 @@ a GroupCache stacks the members' A_c (sum r, in) and puts their B_s on a block d
 output (3 kernels for q/k/v instead of 9, 3 for gate/up instead of 6). It is derived from the
 members' caches by the same refresh (lora.refresh_lora_caches: 4 more kernels per q/k/v group, 3
 per gate/up group), in place, and used under the same pin, so it is never staler than they are.
+Where the packing reserved rows after the group's weights for it (packed_linear.adapter_operands;
+o_proj and down_proj are groups of one for this), the stacked A is written into those rows, so
+the base GEMM computes x @ A.T too and the group costs 2 kernels (`add_stacked_low_rank_`).
 
 ENABLED = False (or env RLPT_LORA_INFERENCE_CACHE=0 at import) forces the old per-call-cast path
 everywhere; benchmarks/bench_rollout.py --lora flips it to time both paths in one run.
@@ -74,38 +77,58 @@ class InferenceCache:
 class GroupCache:
     """The adapters of a packed group as one low-rank pair, in its members' cache dtype: a (sum r,
     in) = their A_c stacked, b (sum out, sum r) = their B_s on the block diagonal, zero elsewhere
-    (the zeros: ~3.5 MB per 3B layer in bf16 at r = 64, 125 MB for its 36 layers)."""
+    (the zeros: ~3.5 MB per 3B layer in bf16 at r = 64, 125 MB for its 36 layers). fused: the
+    (weight, bias) of packed_linear.adapter_operands when a is their reserved rows, else None."""
 
-    __slots__ = ("a", "b", "dtype")
+    __slots__ = ("a", "b", "dtype", "fused")
 
     def __init__(self) -> None:
         self.a: torch.Tensor | None = None
         self.b: torch.Tensor | None = None
         self.dtype: torch.dtype | None = None
+        self.fused: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
-    def refresh(self, caches: list[InferenceCache]) -> None:
-        """Recomputes a and b from the members' refreshed caches, in place when the storage fits."""
+    def refresh(self, caches: list[InferenceCache],
+                fused: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> None:
+        """Recomputes a and b from the members' refreshed caches, in place when the storage fits;
+        a into the last rows of fused's weight (reserved for it) where they fit."""
         c0 = caches[0]
         shape_a = (sum(c.a.shape[0] for c in caches), c0.a.shape[1])
         shape_b = (sum(c.b.shape[0] for c in caches), shape_a[0])
+        like = (c0.dtype, c0.a.device)
+        rows = fused[0][fused[0].shape[0] - shape_a[0]:] if fused is not None else None
+        if rows is not None and (rows.shape, rows.dtype, rows.device) != (shape_a, *like):
+            rows, fused = None, None
         with torch.inference_mode(False), torch.no_grad():  # the order: InferenceCache.refresh
-            if self.a is None or (self.a.shape, self.b.shape, self.a.dtype, self.a.device) != (
-                    shape_a, shape_b, c0.dtype, c0.a.device):
-                self.a = torch.empty(shape_a, dtype=c0.dtype, device=c0.a.device)
+            if self.b is None or (self.b.shape, self.b.dtype, self.b.device) != (shape_b, *like):
                 self.b = torch.zeros(shape_b, dtype=c0.dtype, device=c0.a.device)  # off-diagonal: zero for good
+            if rows is not None:
+                self.a = rows
+            elif self.a is None or self.fused is not None or (  # not the rows of an earlier packing
+                    self.a.shape, self.a.dtype, self.a.device) != (shape_a, *like):
+                self.a = torch.empty(shape_a, dtype=c0.dtype, device=c0.a.device)
             torch.cat([c.a for c in caches], out=self.a)
             row = col = 0
             for c in caches:
                 out, r = c.b.shape
                 self.b[row:row + out, col:col + r].copy_(c.b)
                 row, col = row + out, col + r
-        self.dtype = c0.dtype
+        self.dtype, self.fused = c0.dtype, fused
 
 
 def _copy_into(dst: torch.Tensor | None, src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dst is not None and dst.dtype == dtype and dst.shape == src.shape and dst.device == src.device:
         return dst.copy_(src)
     return torch.empty(src.shape, dtype=dtype, device=src.device).copy_(src)
+
+
+def add_stacked_low_rank_(y: torch.Tensor, n_out: int, b: torch.Tensor) -> torch.Tensor:
+    """y (..., n_out + r) = [x @ W.T + bias, x @ A.T] from one GEMM over W and A stacked (the
+    reserved rows of a packed group); returns y's first n_out columns + (x @ A.T) @ b.T, b (n_out,
+    r), in place (addmm's beta=1 epilogue into a column slice: rows strided, last dim contiguous)."""
+    rows = y.reshape(-1, y.shape[-1])  # a view: y is a fresh GEMM output
+    rows[:, :n_out].addmm_(rows[:, n_out:], b.t())
+    return y[..., :n_out]
 
 
 def add_low_rank_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,13 @@ replaces a parameter's data (`model.to(...)`, FSDP's sharding) silently breaks t
 the projections one by one. The packed GEMM is used only where no gradient is needed for
 the packed weights (inference, the reference policy, LoRA training with the base frozen): the
 parameters' own gradients would not flow through it.
+
+LoRA (the recipe's rollouts adapt every Linear): a group whose members are all LoRA wrappers gets
+rows reserved after its weights for its adapters' A (and zero bias rows), and the rollout's
+inference cache (lora_inference.GroupCache) writes the stacked A there. Then one GEMM gives both
+the base outputs and x @ A.T, and one addmm adds the block-diagonal B: 2 kernels per adapted group
+instead of 3. o_proj and down_proj are groups of one for this alone (`pack_linears` leaves an
+unadapted lone projection where it is).
 """
 from __future__ import annotations
 
@@ -25,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .lora import LoRALinear
-from .lora_inference import GroupCache, add_low_rank_
+from . import lora_inference
+from .lora_inference import GroupCache, add_low_rank_, add_stacked_low_rank_
 
 
 def _base(module: nn.Module) -> nn.Linear | None:
@@ -36,13 +44,18 @@ def _base(module: nn.Module) -> nn.Linear | None:
 
 def pack_linears(modules: Sequence[nn.Module]) -> bool:
     """Moves the weights (and biases) of `modules` (nn.Linear or LoRALinear, one input size, dtype
-    and device) into one (sum of out_features, in_features) tensor (and one bias), each parameter
-    becoming a row block of it; values, Parameter objects and requires_grad are unchanged.
-    Idempotent. Returns whether the modules are packed (False: not packable, left as they were)."""
+    and device) into one (sum of out_features [+ sum of LoRA ranks], in_features) tensor (and one
+    bias), each parameter becoming a row block of it; values, Parameter objects and requires_grad
+    are unchanged. When every member is a LoRA wrapper, rows for the adapters' A follow the weights
+    (`adapter_operands`). Idempotent. Returns whether the modules are packed (False: not packable,
+    or a lone projection with no adapter to gain from it: left as they were)."""
     bases = [_base(m) for m in modules]
     if any(b is None for b in bases):
         return False
-    if packed_operands(modules) is not None:
+    reserve = _adapter_rows(modules)
+    if len(modules) == 1 and not reserve:
+        return False
+    if packed_operands(modules) is not None and _reservation(bases) == reserve:
         return True
     weights = [b.weight for b in bases]
     biases = [b.bias for b in bases]
@@ -55,14 +68,25 @@ def pack_linears(modules: Sequence[nn.Module]) -> bool:
     # inference_mode(False) first (it turns grad mode on): packing inside inference mode must not
     # turn the weights into inference tensors, which autograd refuses to save for a training backward
     with torch.inference_mode(False), torch.no_grad():
-        _move_into_one(weights)
+        _move_into_one(weights, reserve)
         if biases[0] is not None:
-            _move_into_one(biases)
+            _move_into_one(biases, reserve)
+    _reserved[bases[0]] = (_addresses(bases), reserve)
     return True
 
 
-def _move_into_one(params: list[nn.Parameter]) -> None:
-    packed = torch.cat([p.detach() for p in params])
+def _adapter_rows(modules: Sequence[nn.Module]) -> int:
+    """Rows to reserve after a group's weights for its adapters' A: the ranks summed when every
+    member is a LoRA wrapper and the inference cache (which fills them) is on; else 0."""
+    if not lora_inference.ENABLED or not all(isinstance(m, LoRALinear) for m in modules):
+        return 0
+    return sum(m.lora_A.out_features for m in modules)
+
+
+def _move_into_one(params: list[nn.Parameter], extra_rows: int = 0) -> None:
+    p0 = params[0]
+    tail = [p0.detach().new_zeros(extra_rows, *p0.shape[1:])] if extra_rows else []
+    packed = torch.cat([p.detach() for p in params] + tail)
     start = 0
     for p in params:
         p.data = packed[start:start + p.shape[0]]
@@ -85,6 +109,7 @@ class PackedProjections(nn.Module):
             base = _base(group[0])
             if base is not None:
                 _checked.pop(base, None)
+                _reserved.pop(base, None)
         return super()._apply(fn, recurse)
 
 
@@ -98,6 +123,18 @@ def projection_groups(model: nn.Module) -> list[list[nn.Module]]:
 # addresses, ~3. A hit is sound: the cached operands keep their storage alive, and no other live
 # allocation overlaps it, so parameters found at the same addresses are still its row blocks.
 _checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Rows pack_linears reserved after each group's weights for its adapters' A, keyed the same way:
+# (parameter addresses at packing, rows). The addresses tell whether that allocation still holds them.
+_reserved: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _addresses(bases: list[nn.Linear]) -> tuple[int, ...]:
+    return tuple(p.data_ptr() for b in bases for p in (b.weight, b.bias) if p is not None)
+
+
+def _reservation(bases: list[nn.Linear]) -> int:
+    entry = _reserved.get(bases[0])
+    return entry[1] if entry is not None and entry[0] == _addresses(bases) else 0
 
 
 def packed_operands(modules: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -110,13 +147,33 @@ def packed_operands(modules: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.T
 def _operands(bases: list[nn.Linear | None]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     if any(b is None for b in bases):
         return None
-    addresses = tuple(p.data_ptr() for b in bases for p in (b.weight, b.bias) if p is not None)
+    addresses = _addresses(bases)
     hit = _checked.get(bases[0])
     if hit is not None and hit[0] == addresses:
         return hit[1]
     operands = _check_layout(bases)
     _checked[bases[0]] = (addresses, operands)
     return operands
+
+
+def adapter_operands(modules: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight (sum out + sum r, in), bias (sum out + sum r,) or None): the group's packed
+    parameters and, after them, the rows pack_linears reserved for its adapters' A (bias rows
+    zero), if that reservation still holds the parameters; else None."""
+    bases = [_base(m) for m in modules]
+    if any(b is None for b in bases):
+        return None
+    rows = _reservation(bases)
+    operands = _operands(bases) if rows else None
+    if operands is None:
+        return None
+    weight, bias = operands
+    total = weight.shape[0] + rows
+    try:  # bounds-checked by torch against the packed allocation
+        return (weight.as_strided((total, weight.shape[1]), weight.stride()),
+                None if bias is None else bias.as_strided((total,), bias.stride()))
+    except RuntimeError:
+        return None
 
 
 def _check_layout(bases: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -151,25 +208,34 @@ def _consecutive(params: list[torch.Tensor]) -> torch.Tensor | None:
 
 def project(x: torch.Tensor, modules: Sequence[nn.Module]) -> list[torch.Tensor]:
     """[m(x) for m in modules], from one GEMM when their weights are packed and no gradient is
-    needed for them; LoRA wrappers add their adapters to their slices. Outputs may be column
-    views of one (..., sum out) tensor (row stride = sum out, last dim contiguous)."""
+    needed for them; LoRA wrappers add their adapters to their slices (a pinned, fully adapted
+    group with reserved rows: its A inside that GEMM). Outputs may be column views of one
+    (..., sum out) tensor (row stride = sum out or more, last dim contiguous)."""
+    if len(modules) == 1 and not isinstance(modules[0], LoRALinear):  # nothing to pack (o_proj, down_proj)
+        return [modules[0](x)]
     bases = [_base(m) for m in modules]
-    operands = None if _needs_own_calls(modules, bases) else _operands(bases)
+    if _needs_own_calls(modules, bases):
+        return [m(x) for m in modules]
+    sizes = [b.out_features for b in bases]
+    group = _pinned_group(modules, x)
+    fused = group.fused if group is not None else None
+    operands = _operands(bases) if len(modules) > 1 or fused is not None else None
     if operands is None:
         return [m(x) for m in modules]
+    if fused is not None and fused[0].data_ptr() == operands[0].data_ptr():  # the reservation still holds them
+        y = add_stacked_low_rank_(F.linear(x, *fused), operands[0].shape[0], group.b)
+        return list(y.split(sizes, dim=-1))
     y = F.linear(x, *operands)
-    sizes = [b.out_features for b in bases]
-    group = _pinned_group(modules, x, y)
-    if group is not None:  # every member adapted: their adapters as one low-rank pair, in place on y
+    if group is not None and y.dtype is x.dtype:  # every member adapted: one low-rank pair, in place on y
         return list(add_low_rank_(y, x, group.a, group.b).split(sizes, dim=-1))
     return [m.add_adapter(o, x) if isinstance(m, LoRALinear) else o for m, o in zip(modules, y.split(sizes, dim=-1))]
 
 
-def _pinned_group(modules: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor) -> GroupCache | None:
+def _pinned_group(modules: Sequence[nn.Module], x: torch.Tensor) -> GroupCache | None:
     """The group's adapter cache (lora_inference.GroupCache) if every member's adapter is on and
     its pinned cache serves x; else None."""
     first = modules[0]
-    if not isinstance(first, LoRALinear) or first.inference_cache.group is None or y.dtype is not x.dtype:
+    if not isinstance(first, LoRALinear) or first.inference_cache.group is None:
         return None
     if not all(isinstance(m, LoRALinear) and not m.disabled and m.pinned_cache(x) is not None for m in modules):
         return None

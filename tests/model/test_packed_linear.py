@@ -163,23 +163,79 @@ class QKV(PackedProjections):
 
 
 def test_pinned_group_runs_all_adapters_as_one_low_rank_pair():
-    """q/k/v all adapted and pinned: base GEMM, one stacked-A matmul, one block-diagonal addmm."""
+    """q/k/v all adapted and pinned: one GEMM over the weights and the stacked A (rows reserved
+    after the weights), then one addmm of the block-diagonal B."""
     model = QKV()
     x = torch.randn(5, 24)
     with torch.no_grad():
         expected = [m(x) for m in model.members]  # unpinned: each adapter on its own
     assert pack_projections(model) == 1
     with pinned_lora_caches(model), torch.no_grad():
-        assert _gemms(lambda: project(x, model.members)) == 3
+        assert _gemms(lambda: project(x, model.members)) == 2
         got = project(x, model.members)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
     group = model.q.inference_cache.group
     assert group.a.shape == (9, 24) and group.b.shape == (32, 9)
+    weight, bias = group.fused  # the parameters' rows, then A's, in one allocation
+    assert weight.shape == (41, 24) and weight.data_ptr() == model.q.weight.data_ptr()
+    assert group.a.data_ptr() == weight[32:].data_ptr() and bias.shape == (41,) and bias[32:].abs().sum() == 0
+    torch.testing.assert_close(weight[:32], torch.cat([m.weight for m in model.members]), rtol=0, atol=0)
     # block diagonal: q's rows (16) use columns 0-1, k's (8) columns 2-4, v's (8) columns 5-8
     assert group.b[:16, 2:].abs().sum() == 0 and group.b[16:24, :2].abs().sum() == 0
     assert group.b[16:24, 5:].abs().sum() == 0 and group.b[24:, :5].abs().sum() == 0
     assert group.b[24:, 5:].abs().sum() > 0
+
+
+def test_group_packed_before_its_adapters_gets_rows_when_packed_again():
+    """Packed plain, then wrapped: the stacked A has no rows beside the weights (3 GEMMs: base,
+    A, B); packing again moves the weights to make them (2 GEMMs). Values never change."""
+    mods = _qkv()
+    pack_linears(mods)
+    model = QKV.__new__(QKV)
+    PackedProjections.__init__(model)
+    for name, m, in zip("qkv", mods):
+        lora = LoRALinear(m, r=RANKS[name], alpha=4.0, dropout=0.0)
+        nn.init.normal_(lora.lora_B.weight)
+        setattr(model, name, lora)
+    x = torch.randn(4, 24)
+    with torch.no_grad():
+        expected = [m(x) for m in model.members]
+    for gemms in (3, 2):
+        with pinned_lora_caches(model), torch.no_grad():
+            assert _gemms(lambda: project(x, model.members)) == gemms
+            for g, e in zip(project(x, model.members), expected):
+                torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+        assert pack_projections(model) == 1
+
+
+def test_a_lone_adapted_projection_takes_its_a_into_the_base_gemm():
+    """o_proj / down_proj: a group of one, packed only for its adapter's rows (2 GEMMs, not 3);
+    a lone projection without an adapter is not moved."""
+    class Out(PackedProjections):
+        PACKED_PROJECTIONS = (("o",), ("plain",))
+
+        def __init__(self):
+            super().__init__()
+            self.o = LoRALinear(nn.Linear(24, 16, bias=False), r=3, alpha=6.0, dropout=0.0)
+            nn.init.normal_(self.o.lora_B.weight)
+            self.plain = nn.Linear(24, 16)
+
+    model = Out()
+    plain_weight = model.plain.weight.data_ptr()
+    x = torch.randn(6, 24)
+    with torch.no_grad():
+        expected = model.o(x)
+    assert pack_projections(model) == 1 and model.plain.weight.data_ptr() == plain_weight
+    with pinned_lora_caches(model), torch.no_grad():
+        assert _gemms(lambda: project(x, (model.o,))) == 2
+        torch.testing.assert_close(project(x, (model.o,))[0], expected, rtol=1e-5, atol=1e-5)
+        assert _gemms(lambda: project(x, (model.plain,))) == 1
+    model.o.base_layer.to(torch.float64).to(torch.float32)  # new storage: no rows reserved beside it
+    with pinned_lora_caches(model), torch.no_grad():
+        assert model.o.inference_cache.group.fused is None
+        assert _gemms(lambda: project(x, (model.o,))) == 3
+        torch.testing.assert_close(project(x, (model.o,))[0], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_group_cache_refreshes_in_place_with_the_adapters():

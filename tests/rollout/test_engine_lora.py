@@ -31,10 +31,12 @@ def _old_path(monkeypatch, fn):
 
 
 def _pointers(model):
-    """Every cache's storage: the adapters' own and the packed groups' (q/k/v, gate/up)."""
+    """Every cache's storage: the adapters' own and the packed groups' (q/k/v, o, gate/up, down;
+    the groups' A inside the rows reserved after their packed weights)."""
     caches = [m.inference_cache for _, m in lora_layers(model)]
     groups = [c.group for c in caches if c.group is not None]
-    assert len(groups) == 2 * model.config.num_hidden_layers  # every decoder Linear is adapted
+    assert len(groups) == 4 * model.config.num_hidden_layers  # every decoder Linear is adapted
+    assert all(g.fused is not None for g in groups)
     return [(c.a.data_ptr(), c.b.data_ptr()) for c in caches + groups]
 
 
