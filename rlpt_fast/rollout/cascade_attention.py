@@ -8,10 +8,12 @@ context of each row splits into
 and the two partial softmaxes are merged by their log-sum-exp:
     out = (o_p * exp(lse_p - m) + o_s * exp(lse_s - m)) / (exp(lse_p - m) + exp(lse_s - m)).
 Two implementations with the same math: torch (cascade_torch.py: dense copies + batched matmuls;
-the backend on CPUs) and Triton (the backend on GPUs): the per-row split kernel of decode_attention reads each row's own
-tokens from `starts`, a prefix kernel gives each (group, member chunk, KV head, prefix split)
-program up to BLOCK_M query rows (members x grouped heads, so the dots are real matrix products),
-and the combine kernel merges all partials.
+the backend on CPUs) and Triton (the backend on GPUs), two launches per layer. The first runs both
+partial passes side by side in one 1-D grid (a decode step at batch 64-128 is launch-bound, and
+one grid fills the GPU where two would each leave it half idle): prefix programs, one per (group,
+member chunk, KV head, prefix split) with up to BLOCK_M query rows (members x grouped heads, so the
+dots are real matrix products), then suffix programs, decode_attention's per-row split programs
+reading each row's own tokens from `starts`. The combine kernel merges all partials.
 """
 from __future__ import annotations
 
@@ -23,7 +25,15 @@ import triton
 import triton.language as tl
 
 from rlpt_fast.rollout.cascade_torch import cascade_decode_attention  # noqa: F401 (the torch form)
-from rlpt_fast.rollout.decode_attention import _attend, choose_num_splits, combine_partials, decode_partials
+from rlpt_fast.rollout.decode_attention import (
+    _attend,
+    _check,
+    _split_program,
+    choose_num_splits,
+    combine_partials,
+    split_constexprs,
+    split_length,
+)
 
 
 @dataclass
@@ -83,7 +93,7 @@ def build_cascade(tables: list[list[int]], lens: list[int], block_size: int, dev
             while i < n and t[i] == first[i]:
                 i += 1
             n = i
-        if n:
+        if n:  # n >= 1: a grouped row's start (n blocks) is > 0, an ungrouped row's 0 (see _cascade_partials_kernel)
             shared.append((rows, n))
     if not shared:
         return None
@@ -116,14 +126,14 @@ def work_items(member_counts: list[int], group: int) -> list[tuple[int, int]]:
 
 
 @triton.jit
-def _prefix_kernel(Q, K, V, PTables, PLens, Members, Items, O, Lse, scale, tokens_per_split, slot0,
-                   num_rows, num_member_cols, stride_qb, stride_qh, stride_kb, stride_ks, stride_kh,
-                   stride_pt, stride_mg, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                   GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr):
-    item = tl.program_id(0).to(tl.int64)
-    kvh = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2).to(tl.int64)
+def _prefix_program(Q, K, V, PTables, PLens, Members, Items, Starts, O, Lse, item, kvh, split, scale,
+                    tokens_per_split, slot0, num_rows, num_member_cols, stride_qb, stride_qh, stride_kb,
+                    stride_ks, stride_kh, stride_pt, stride_mg, stride_ob, stride_oh, stride_os, stride_lb,
+                    stride_lh, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr):
+    """One (work item, KV head, prefix split) program: the item's members x the G query heads of
+    kvh over its group's prefix tokens of this split, into partial slot slot0 + split of each
+    member row with Starts > 0 (lse -inf where the split's range is empty)."""
     grp = tl.load(Items + 2 * item).to(tl.int64)
     j0 = tl.load(Items + 2 * item + 1).to(tl.int64)
     start = split * tokens_per_split
@@ -133,6 +143,9 @@ def _prefix_kernel(Q, K, V, PTables, PLens, Members, Items, O, Lse, scale, token
     heads = kvh * GROUP + r % GROUP
     rows = tl.load(Members + grp * stride_mg + j, mask=j < num_member_cols, other=num_rows).to(tl.int64)
     live = (rows < num_rows) & (r < (BLOCK_M // GROUP) * GROUP)
+    # a row owns its prefix slots by Starts > 0, as the split programs decide their -inf fill: a
+    # member padding that names a real row (CUDA graphs' buckets) never races that fill
+    live = live & (tl.load(Starts + rows, mask=live, other=0) > 0)
     d = tl.arange(0, BLOCK_D)
     qmask = live[:, None] & (d[None, :] < HEAD_DIM)
     q = tl.load(Q + rows[:, None] * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=qmask, other=0.0)
@@ -142,6 +155,54 @@ def _prefix_kernel(Q, K, V, PTables, PLens, Members, Items, O, Lse, scale, token
     slot = slot0 + split
     tl.store(O + rows[:, None] * stride_ob + heads[:, None] * stride_oh + slot * stride_os + d[None, :], out, mask=qmask)
     tl.store(Lse + rows * stride_lb + heads * stride_lh + slot, lse, mask=live)
+
+
+@triton.jit
+def _cascade_partials_kernel(Q, K, V, Tables, Lens, Starts, PTables, PLens, Members, Items, O, Lse, scale,
+                             tokens_per_split, prefix_tokens_per_split, num_splits, prefix_splits, num_kv_heads,
+                             prefix_programs, num_rows, num_member_cols, stride_qb, stride_qh, stride_kb,
+                             stride_ks, stride_kh, stride_tb, stride_pt, stride_mg, stride_ob, stride_oh,
+                             stride_os, stride_lb, stride_lh,
+                             GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr,
+                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                             PAGE: tl.constexpr, IEEE: tl.constexpr):
+    """Both partial passes in one 1-D launch: programs [0, prefix_programs) are the prefix pass
+    (item, KV head, prefix split), the rest the suffix pass (row, KV head, split). The prefix
+    programs come first: they are the longer ones (up to BLOCK_M query rows each), so the short
+    suffix programs fill the tail of the wave.
+
+    No program may rely on another's write in one launch, so each prefix slot (row, head,
+    num_splits + e) has exactly one writer, chosen by Starts[row] alone. build_cascade gives a
+    grouped row Starts = (shared blocks >= 1) x block_size > 0 and an ungrouped row 0. Starts > 0:
+    the prefix programs write every slot (work_items covers each group's members, the grid every
+    KV head and prefix split, and an empty split range writes lse -inf). Starts == 0: no prefix
+    program writes (they mask such rows), the row's split-0 suffix programs write lse -inf."""
+    pid = tl.program_id(0).to(tl.int64)
+    if pid < prefix_programs:
+        split = pid % prefix_splits
+        kvh = (pid // prefix_splits) % num_kv_heads
+        item = pid // (prefix_splits * num_kv_heads)
+        _prefix_program(Q, K, V, PTables, PLens, Members, Items, Starts, O, Lse, item, kvh, split, scale,
+                        prefix_tokens_per_split, num_splits, num_rows, num_member_cols, stride_qb, stride_qh,
+                        stride_kb, stride_ks, stride_kh, stride_pt, stride_mg, stride_ob, stride_oh, stride_os,
+                        stride_lb, stride_lh, GROUP, BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, IEEE)
+    else:
+        sid = pid - prefix_programs
+        split = sid % num_splits
+        kvh = (sid // num_splits) % num_kv_heads
+        b = sid // (num_splits * num_kv_heads)
+        first = tl.load(Starts + b).to(tl.int64)  # the tokens before are its group's prefix
+        _split_program(Q, K, V, Tables + b * stride_tb, O, Lse, b, kvh, split, first,
+                       tl.load(Lens + b).to(tl.int64), scale, tokens_per_split, stride_qb, stride_qh,
+                       stride_kb, stride_ks, stride_kh, stride_ob, stride_oh, stride_os, stride_lb,
+                       stride_lh, GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, IEEE)
+        # Starts == 0 (no group): empty prefix slots, lse -inf (weight 0 in the combine whatever
+        # o_part holds); Starts > 0: the prefix programs' slots, a write here would race theirs
+        if (split == 0) & (first == 0):
+            g = tl.arange(0, BLOCK_G)
+            for e in range(prefix_splits):
+                tl.store(Lse + b * stride_lb + (kvh * GROUP + g) * stride_lh + num_splits + e, float("-inf"),
+                         mask=g < GROUP)
 
 
 @dataclass
@@ -163,23 +224,26 @@ def cascade_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_ca
                                     block_tables: torch.Tensor, context_lens: torch.Tensor, groups: PrefixGroups,
                                     scale: float, num_splits: int, max_context: int) -> torch.Tensor:
     """Triton cascade decode. q (B, Hq, D); block_tables (B, W) int32 and context_lens (B,) int32
-    as for decode_attention; groups.starts skips each row's shared prefix. No device value is read
-    on the host: CUDA-graph safe."""
+    as for decode_attention; groups.starts skips each row's shared prefix. Two launches: both
+    partial passes into (B, Hq, num_splits + groups.splits) slots, then the combine. No device
+    value is read on the host: CUDA-graph safe."""
+    _check(q, k_cache, v_cache, block_tables, context_lens)
     b, hq, d = q.shape
-    page, hkv = k_cache.shape[1], k_cache.shape[2]
-    o_part, lse = decode_partials(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits,
-                                  max_context, starts=groups.starts, extra=groups.splits)
-    # rows outside any group keep the empty prefix part decode_partials left them (lse -inf)
-    block_n = 32
-    per_split = -(-groups.max_prefix // groups.splits)
-    per_split = -(-per_split // block_n) * block_n
-    _prefix_kernel[(groups.items.shape[0], hkv, groups.splits)](
-        q, k_cache, v_cache, groups.tables, groups.lens, groups.members, groups.items, o_part, lse, scale,
-        per_split, num_splits, b, groups.members.shape[1], q.stride(0), q.stride(1), k_cache.stride(0),
-        k_cache.stride(1), k_cache.stride(2), groups.tables.stride(0), groups.members.stride(0),
-        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
-        GROUP=hq // hkv, BLOCK_M=BLOCK_M, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_N=block_n,
-        PAGE=page, IEEE=k_cache.dtype == torch.float32)
+    hkv = k_cache.shape[2]
+    assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert hq // hkv <= BLOCK_M, f"cascade decode: {hq // hkv} query heads per KV head exceed BLOCK_M={BLOCK_M}"
+    slots = num_splits + groups.splits
+    o_part = torch.empty(b, hq, slots, d, device=q.device, dtype=torch.float32)
+    lse = torch.empty(b, hq, slots, device=q.device, dtype=torch.float32)
+    prefix_programs = groups.items.shape[0] * hkv * groups.splits
+    _cascade_partials_kernel[(prefix_programs + b * hkv * num_splits,)](
+        q, k_cache, v_cache, block_tables, context_lens, groups.starts, groups.tables, groups.lens, groups.members,
+        groups.items, o_part, lse, scale, split_length(max_context, num_splits),
+        split_length(groups.max_prefix, groups.splits), num_splits, groups.splits, hkv, prefix_programs, b,
+        groups.members.shape[1], q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), groups.tables.stride(0), groups.members.stride(0), o_part.stride(0),
+        o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1), BLOCK_M=BLOCK_M,
+        **split_constexprs(q, k_cache))
     return combine_partials(o_part, lse, q.dtype)
 
 

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+BLOCK_N = 32  # context tokens per tile of the split passes (a tl.dot dimension: >= 16)
+
 
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, context_lens: torch.Tensor,
@@ -104,19 +106,14 @@ def _attend(q, K, V, table, start, end, kvh, stride_kb, stride_ks, stride_kh,
 
 
 @triton.jit
-def _decode_split_kernel(Q, K, V, Tables, Lens, Starts, O, Lse, scale, tokens_per_split, extra,
-                         stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_tb,
-                         stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr,
-                         HAS_STARTS: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    kvh = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2).to(tl.int64)
-    ctx = tl.load(Lens + b).to(tl.int64)
-    start = split * tokens_per_split
-    if HAS_STARTS:  # the tokens before Starts[b] are read by its group's shared-prefix pass
-        start += tl.load(Starts + b).to(tl.int64)
+def _split_program(Q, K, V, table, O, Lse, b, kvh, split, first, ctx, scale, tokens_per_split,
+                   stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_ob, stride_oh, stride_os,
+                   stride_lb, stride_lh, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr):
+    """One (row b, KV head kvh, split) program of the split pass: the G query heads of kvh over
+    context tokens [first + split * tokens_per_split, + tokens_per_split) within [first, ctx) of
+    the row's block table, into partial slot `split`."""
+    start = first + split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, ctx)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -124,13 +121,25 @@ def _decode_split_kernel(Q, K, V, Tables, Lens, Starts, O, Lse, scale, tokens_pe
     qmask = (g[:, None] < GROUP) & (d[None, :] < HEAD_DIM)
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=qmask, other=0.0)
     q = (q.to(tl.float32) * scale).to(K.dtype.element_ty)                          # (G, D)
-    out, lse = _attend(q, K, V, Tables + b * stride_tb, start, end, kvh, stride_kb, stride_ks, stride_kh,
+    out, lse = _attend(q, K, V, table, start, end, kvh, stride_kb, stride_ks, stride_kh,
                        BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, IEEE)
     tl.store(O + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :], out, mask=qmask)
     tl.store(Lse + b * stride_lb + heads * stride_lh + split, lse, mask=g < GROUP)
-    if split == 0:  # the `extra` slots after this pass's: empty (weight 0) unless another pass fills them
-        for e in range(extra):
-            tl.store(Lse + b * stride_lb + heads * stride_lh + tl.num_programs(2) + e, float("-inf"), mask=g < GROUP)
+
+
+@triton.jit
+def _decode_split_kernel(Q, K, V, Tables, Lens, O, Lse, scale, tokens_per_split,
+                         stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_tb,
+                         stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2).to(tl.int64)
+    _split_program(Q, K, V, Tables + b * stride_tb, O, Lse, b, kvh, split, 0, tl.load(Lens + b).to(tl.int64),
+                   scale, tokens_per_split, stride_qb, stride_qh, stride_kb, stride_ks, stride_kh,
+                   stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                   GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, IEEE)
 
 
 @triton.jit
@@ -161,32 +170,35 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 
 def decode_partials(q, k_cache, v_cache, block_tables, context_lens, scale: float, num_splits: int = 1,
-                    max_context: int | None = None, starts: torch.Tensor | None = None, extra: int = 0):
-    """The split pass alone: (o_part (B, Hq, num_splits + extra, D) f32, lse (B, Hq, num_splits + extra) f32).
-    starts (B,) int32: each row's first context token (the ones before are read elsewhere). The
-    `extra` trailing partial slots are for another pass (see cascade_attention): their lse is set
-    to -inf here (combine_partials then gives them weight 0 whatever their o_part holds), so rows
-    that pass skips need no fill of their own (two launches per layer fewer)."""
+                    max_context: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split pass alone: (o_part (B, Hq, num_splits, D) f32, lse (B, Hq, num_splits) f32)."""
     _check(q, k_cache, v_cache, block_tables, context_lens)
     b, hq, d = q.shape
     page, hkv = k_cache.shape[1], k_cache.shape[2]
     assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
-    max_context = max_context or block_tables.shape[1] * page
-    block_n = 32
-    per_split = -(-max_context // num_splits)
-    per_split = -(-per_split // block_n) * block_n
-    o_part = torch.empty(b, hq, num_splits + extra, d, device=q.device, dtype=torch.float32)
-    lse = torch.empty(b, hq, num_splits + extra, device=q.device, dtype=torch.float32)
-    group = hq // hkv
+    per_split = split_length(max_context or block_tables.shape[1] * page, num_splits)
+    o_part = torch.empty(b, hq, num_splits, d, device=q.device, dtype=torch.float32)
+    lse = torch.empty(b, hq, num_splits, device=q.device, dtype=torch.float32)
     _decode_split_kernel[(b, hkv, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, context_lens if starts is None else starts, o_part, lse,
-        scale, per_split, extra, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q, k_cache, v_cache, block_tables, context_lens, o_part, lse, scale, per_split,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), o_part.stride(0), o_part.stride(1), o_part.stride(2),
-        lse.stride(0), lse.stride(1),
-        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
-        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_N=block_n, PAGE=page,
-        IEEE=k_cache.dtype == torch.float32, HAS_STARTS=starts is not None)
+        lse.stride(0), lse.stride(1), **split_constexprs(q, k_cache))
     return o_part, lse
+
+
+def split_length(tokens: int, splits: int) -> int:
+    """Tokens per split when `splits` programs cover `tokens`: a whole number of BLOCK_N tiles."""
+    per_split = -(-tokens // splits)
+    return -(-per_split // BLOCK_N) * BLOCK_N
+
+
+def split_constexprs(q: torch.Tensor, k_cache: torch.Tensor) -> dict:
+    """The constexprs of _split_program for q (B, Hq, D) against a (num_blocks, block_size, Hkv, D) cache."""
+    group, d = q.shape[1] // k_cache.shape[2], q.shape[2]
+    return {"GROUP": group, "BLOCK_G": max(16, triton.next_power_of_2(group)), "HEAD_DIM": d,
+            "BLOCK_D": max(16, triton.next_power_of_2(d)), "BLOCK_N": BLOCK_N, "PAGE": k_cache.shape[1],
+            "IEEE": k_cache.dtype == torch.float32}
 
 
 def combine_partials(o_part: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
