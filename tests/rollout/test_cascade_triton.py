@@ -40,9 +40,11 @@ def program_order(request, monkeypatch):
     if request.param == "reversed":
         if torch.cuda.is_available():
             pytest.skip("the program order is the interpreter's (a GPU runs them concurrently)")
-        from triton.runtime.interpreter import interpreter_builder as builder
-
-        set_idx = builder.set_grid_idx
+        try:  # the interpreter's internals (Triton 3.6-3.8): skip, not fail, where they moved
+            from triton.runtime.interpreter import interpreter_builder as builder
+            set_idx, _ = builder.set_grid_idx, builder.grid_dim
+        except (ImportError, AttributeError):
+            pytest.skip("this Triton's interpreter has no set_grid_idx / grid_dim to reorder programs")
 
         def reversed_idx(x, y, z):
             nx, ny, nz = builder.grid_dim

@@ -1,12 +1,13 @@
 """Kernels per decode step of the engine on its GPU path (Triton kernels, in the interpreter here),
 counted by the dispatcher: a decode step at batch 64-128 is launch-bound, so these counts are the
 CPU's handle on the GPU's decode time. Per layer: add+RMSNorm twice, the q/k/v GEMM, rotary with
-the KV store, cascade decode (split, prefix, combine), o_proj, the gate/up GEMM, SiLU*up, down_proj;
-with LoRA on every Linear, one more kernel for each of the groups q/k/v, o_proj, gate/up, down_proj
-(their stacked A rides in the group's GEMM, rows reserved after its weights; the block-diagonal B
-is one addmm). (Unpacked projections: 14 and 28; rotary and the KV store apart: 12 and 20; the
-LoRA A's in GEMMs of their own: 19.) A change that moves a count should change the figure here and
-in benchmarks/README.md."""
+the KV store, the cascade decode's partials (shared prefix and own suffix in one launch) and its
+combine, o_proj, the gate/up GEMM, SiLU*up, down_proj. With LoRA on every Linear, one more kernel
+for each of the groups q/k/v, o_proj, gate/up, down_proj (their stacked A rides in the group's
+GEMM, in rows reserved after its weights; the block-diagonal B is one addmm). Before the fusions
+of 2026-11-27 (rotary apart from the store, the cascade's passes apart, each LoRA A a GEMM of its
+own): 12 and 20. A change that moves a count should change the figure here and in
+benchmarks/README.md."""
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ from rlpt_fast.model.lora import LoRAConfig, apply_lora
 from rlpt_fast.rollout import Engine, Request, SamplingParams
 from rlpt_fast.testing import write_tiny_checkpoint
 
-PER_LAYER = {False: 11, True: 15}  # by LoRA
+PER_LAYER = {False: 10, True: 14}  # by LoRA
 
 
 def _decode_step_launches(tmp_path, layers: int, lora: bool) -> int:
