@@ -67,7 +67,7 @@ def record(pytest_args: list[str], log: Path) -> list:
 # The device runs the rollout kernels in bf16 at Qwen2.5-VL's shapes (head_dim 128; 3B: 16 query
 # heads over 2 KV heads, 7B: 28 over 4; 16-token pages) and the loss kernels on bf16 logits. The
 # CPU tests launch them in fp32 at small shapes, so each launch is also built at those shapes.
-BF16_ARGS = {"Q", "K", "V", "K_cache", "V_cache", "Out", "logits_ptr",
+BF16_ARGS = {"Q", "K", "V", "K_cache", "V_cache", "Out", "logits_ptr", "Logits",
              # the decoder's fused inference ops (kernels/decode_ops.py)
              "X", "Res", "W", "ResOut", "Gate", "Up", "Cos", "Sin", "QOut", "KOut"}
 HOPPER_CONSTEXPRS = [{"HEAD_DIM": 128, "BLOCK_D": 128, "GROUP": 8, "BLOCK_G": 16, "PAGE": 16, "IEEE": False},
@@ -84,6 +84,7 @@ DECODE_OP_CONSTEXPRS = {
                        {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_HQ": 32, "BLOCK_HK": 4}],
 }
 DECODE_OP_CONSTEXPRS["_rotary_store_kv_kernel"] = DECODE_OP_CONSTEXPRS["_rotary_kernel"]  # rollout/kv_store.py
+DECODE_OP_CONSTEXPRS["_sample_kernel"] = [{"BLOCK_V": 4096, "num_warps": 8}]  # rollout/sampler_triton.py, V 151936
 
 
 def hopper_variants(name: str, desc: dict) -> list[dict]:

@@ -1,6 +1,7 @@
 """The AttentionFn the engine hands to model.forward_hidden: store new K/V, then attend.
 
-The backend (Triton kernels or their torch references) is chosen once, here, by device. With
+The backend (Triton kernels or their torch references) is chosen once, here, by device: the
+attention kernels and the sampler. With
 the Triton backend the function takes q and k unrotated from the decoder's fused path
 (`fuses_rotary`, model/attention.py) and rotates them in the launch that stores K/V.
 """
@@ -16,6 +17,8 @@ from rlpt_fast.rollout import kv_store
 from rlpt_fast.rollout.cascade_attention import CascadeMeta, PrefixGroups, cascade_decode_attention_triton
 from rlpt_fast.rollout.cascade_torch import cascade_decode_attention
 from rlpt_fast.rollout.prefill_attention import PrefillMeta, prefill_attention
+from rlpt_fast.rollout.sampler import sample
+from rlpt_fast.rollout.sampler_triton import sample_triton
 
 
 @dataclass(frozen=True)
@@ -23,15 +26,16 @@ class Backend:
     store_kv: object
     rotary_store_kv: object
     decode_attention: object
+    sample: object  # sampler.sample's signature
     name: str
 
 
 def choose_backend(device: torch.device, preference: str = "auto") -> Backend:
     triton = preference == "triton" or (preference == "auto" and device.type == "cuda")
     if triton:
-        return Backend(kv_store.store_kv, kv_store.rotary_store_kv, dec.decode_attention, "triton")
+        return Backend(kv_store.store_kv, kv_store.rotary_store_kv, dec.decode_attention, sample_triton, "triton")
     return Backend(kv_store.store_kv_reference, kv_store.rotary_store_kv_reference, dec.decode_attention_reference,
-                   "torch")
+                   sample, "torch")
 
 
 @dataclass

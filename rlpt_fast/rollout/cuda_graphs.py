@@ -60,7 +60,7 @@ import torch
 from rlpt_fast.rollout.attention import DecodeMeta
 from rlpt_fast.rollout.cascade_attention import BLOCK_M, PrefixGroups
 from rlpt_fast.rollout.decode_attention import choose_num_splits
-from rlpt_fast.rollout.sampler import AHEAD, RowParams, SamplingTensors, sample
+from rlpt_fast.rollout.sampler import AHEAD, RowParams, SamplingTensors
 
 # sampler code paths (greedy, sampled, scaled, filtered) captured with the forward graphs: plain
 # sampling at temperature 1 (the recipe's rollouts) and all greedy (evaluation)
@@ -128,7 +128,7 @@ class DecodeGraphs:
         u = self.uniforms[:b].gather(1, self.column.expand(b, 1)).squeeze(1)                   # (b,)
         greedy, sampled, scaled, filtered = flags
         st = SamplingTensors(self.temperature[:b], self.top_k[:b], self.top_p[:b], u, filtered, greedy, sampled, scaled)
-        tokens, logprobs = sample(self.outputs[b], st)
+        tokens, logprobs = self.runner.backend.sample(self.outputs[b], st)
         self.sampled[:b, 0].copy_(tokens)
         self.sampled[:b, 1].copy_(logprobs)
         self.column.add_(1)

@@ -32,7 +32,7 @@ from rlpt_fast.rollout.decode_attention import choose_num_splits
 from rlpt_fast.rollout.kv_cache import count_blocks
 from rlpt_fast.rollout.params import Request, SamplingParams
 from rlpt_fast.rollout.prefill_attention import PrefillMeta
-from rlpt_fast.rollout.sampler import RowParams, pack_samples, sample
+from rlpt_fast.rollout.sampler import RowParams, pack_samples
 from rlpt_fast.rollout.scheduler import Batch
 from rlpt_fast.rollout.sequence import Sequence
 
@@ -116,7 +116,7 @@ class ModelRunner:
             if logits is None:
                 return [[] for _ in batch.seqs]
             positions = [s.num_tokens for s, k in zip(batch.seqs, batch.num_samples) for _ in range(k)]
-            sampled = pack_samples(*sample(logits, self._row_params(batch).at(positions)))
+            sampled = pack_samples(*self.backend.sample(logits, self._row_params(batch).at(positions)))
         else:
             # Eager decode (no CUDA graphs: the CPU) is a few hundred tiny ops per step, and
             # inference mode takes the autograd bookkeeping off each (~12% of a CPU step). Only
@@ -226,7 +226,7 @@ class ModelRunner:
             meta.cascade = cascade
         elif cascade is not None:
             meta.groups = self._groups
-        return pack_samples(*sample(self.decode_logits(inputs[0], inputs[1].expand(3, -1), meta), rows.at(lens)))
+        return pack_samples(*self.backend.sample(self.decode_logits(inputs[0], inputs[1].expand(3, -1), meta), rows.at(lens)))
 
     def _decode_inputs(self, seqs: list[Sequence], lens: list[int], steady: bool) -> torch.Tensor:
         """(4, B) int64 on the device: token ids, positions, slots, context lengths. On a steady

@@ -19,9 +19,10 @@ def mm(model):
     return prompt(model.config, 11, [6, 5, 3], [[1, 4, 6], [1, 4, 4]])
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])  # triton: its attention and one-launch sampler
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 20, 0.9)])
-def test_n8_prefills_once_and_logprobs_match_recomputation(model, mm, temperature, top_k, top_p):
-    engine = Engine(model, block_size=4)
+def test_n8_prefills_once_and_logprobs_match_recomputation(model, mm, temperature, top_k, top_p, backend):
+    engine = Engine(model, block_size=4, attention_backend=backend)
     params = SamplingParams(n=8, temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=9, seed=5)
     [outs] = engine.generate([Request(*mm)], params)
     assert len(outs) == 8
@@ -34,17 +35,19 @@ def test_n8_prefills_once_and_logprobs_match_recomputation(model, mm, temperatur
                                    atol=1e-4, rtol=0)
 
 
-def test_seeded_sampling_reproduces_across_batching_and_preemption(model, mm):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_seeded_sampling_reproduces_across_batching_and_preemption(model, mm, backend):
     params = SamplingParams(n=4, temperature=1.0, max_tokens=12, seed=42, ignore_eos=True)
-    first = Engine(model).generate([Request(*mm)], params)[0]
+    first = Engine(model, attention_backend=backend).generate([Request(*mm)], params)[0]
     other = Request(*prompt(model.config, 12, [20]))
-    small = Engine(model, num_blocks=10, block_size=4)  # forces preemption
+    small = Engine(model, num_blocks=10, block_size=4, attention_backend=backend)  # forces preemption
     again = small.generate([other, Request(*mm)], [SamplingParams(n=3, max_tokens=12, ignore_eos=True), params])[1]
     assert small.stats["preemptions"] > 0
     assert [o.token_ids for o in again] == [o.token_ids for o in first]
     for a, b in zip(again, first):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
-    different = Engine(model).generate([Request(*mm)], SamplingParams(n=4, max_tokens=12, seed=43, ignore_eos=True))[0]
+    different = Engine(model, attention_backend=backend).generate(
+        [Request(*mm)], SamplingParams(n=4, max_tokens=12, seed=43, ignore_eos=True))[0]
     assert [o.token_ids for o in different] != [o.token_ids for o in first]
 
 

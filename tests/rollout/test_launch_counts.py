@@ -41,4 +41,6 @@ def test_kernels_per_decoder_layer_in_a_decode_step(tmp_path, monkeypatch, lora)
     monkeypatch.setenv("RLPT_KERNELS_BACKEND", "triton")  # the fused decoder ops, as on a GPU
     one, two = (_decode_step_launches(tmp_path, n, lora) for n in (1, 2))
     assert two - one == PER_LAYER[lora]
-    assert one - PER_LAYER[lora] < 32  # the step's own: embedding, rotary tables, head, sampling
+    # the step's own (17 on 2026-11-27, 26 before the one-launch sampler): embedding, rotary
+    # tables, final norm, lm_head, sampling, the samples packed for the host
+    assert one - PER_LAYER[lora] <= 20
