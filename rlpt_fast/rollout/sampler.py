@@ -11,6 +11,8 @@ is a hash of (seed, sample_index, position): counter-based, so a sequence draws 
 whatever it is batched with, whether the batch needed sorting, or whether it was preempted and
 recomputed. The keys are host values, so the hash runs on the host (numpy, a few microseconds for
 a whole batch) and its uniforms travel to the device with the other per-row parameters.
+sampler_triton.py draws the same way in one launch for batches without top-k / top-p (the
+engine's Triton backend picks it).
 """
 from __future__ import annotations
 
