@@ -7,7 +7,7 @@ saves as `base_model.model.model.language_model.layers.0.mlp.up_proj.lora_A.weig
 0.21 writes for the transformers model. Files (PEFT layout, merging) are in lora_io.py.
 
 Inside `pinned_lora_caches(model)` (the engine's generate and graph capture), without gradients and
-with dropout off, forward takes the three-kernel path of lora_inference.py over a cache of the
+with dropout off, forward takes the cached path of lora_inference.py (3 kernels, 2 in a packed group) over a cache of the
 adapter in the activations' dtype, recomputed in place when the block starts.
 """
 from __future__ import annotations
@@ -205,8 +205,12 @@ def _refresh_group_caches(model: nn.Module) -> None:
         if any(c.dtype != caches[0].dtype for c in caches):
             caches[0].group = None
             continue
+        fused = adapter_operands(members)
+        if len(members) == 1 and fused is None:  # a lone projection gains only from reserved rows
+            caches[0].group = None
+            continue
         caches[0].group = caches[0].group or _inference.GroupCache()
-        caches[0].group.refresh(caches, adapter_operands(members))
+        caches[0].group.refresh(caches, fused)
 
 
 @contextmanager

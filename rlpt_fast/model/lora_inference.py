@@ -1,4 +1,5 @@
-"""LoRA's rollout path (inside the engine's generate): three kernels per adapted Linear.
+"""LoRA's rollout path (inside the engine's generate): three kernels per adapted Linear, two per
+packed group with reserved rows (below).
 
     y = base(x);   y += (x @ A_c.T) @ B_s.T        A_c = A.to(dtype) (r, in), B_s = (scaling * B).to(dtype) (out, r)
 

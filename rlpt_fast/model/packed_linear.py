@@ -52,11 +52,11 @@ def pack_linears(modules: Sequence[nn.Module]) -> bool:
     bases = [_base(m) for m in modules]
     if any(b is None for b in bases):
         return False
-    reserve = _adapter_rows(modules)
-    if len(modules) == 1 and not reserve:
+    reserve, have = _adapter_rows(modules), _reservation(bases)
+    if len(modules) == 1 and not reserve and not have:
         return False
-    if packed_operands(modules) is not None and _reservation(bases) == reserve:
-        return True
+    if packed_operands(modules) is not None and (have == reserve or not reserve):
+        return True  # rows reserved before are kept when none are wanted now (cache switched off)
     weights = [b.weight for b in bases]
     biases = [b.bias for b in bases]
     w0 = weights[0]
@@ -97,7 +97,7 @@ class PackedProjections(nn.Module):
     """Base of a module whose projections read one input: PACKED_PROJECTIONS names each group
     (attribute names, in output order). Moving or casting the module (Module._apply: to, cuda,
     half, ...) gives its parameters new data: the views cached for its groups are dropped then,
-    since they would keep the old storage alive."""
+    since they would keep the old storage alive (where the parameters did not move, they stay)."""
 
     PACKED_PROJECTIONS: tuple[tuple[str, ...], ...] = ()
 
@@ -105,12 +105,17 @@ class PackedProjections(nn.Module):
         return [[getattr(self, name) for name in names] for names in self.PACKED_PROJECTIONS]
 
     def _apply(self, fn, recurse=True):
-        for group in self.projection_groups():
-            base = _base(group[0])
-            if base is not None:
-                _checked.pop(base, None)
-                _reserved.pop(base, None)
-        return super()._apply(fn, recurse)
+        groups = [bases for bases in ([_base(m) for m in g] for g in self.projection_groups())
+                  if all(b is not None for b in bases)]
+        before = [_addresses(bases) for bases in groups]
+        out = super()._apply(fn, recurse)
+        for bases, addresses in zip(groups, before):
+            # only where the parameters moved: a no-op .to() keeps the packing and its reserved
+            # rows, which CUDA graphs captured before it still read
+            if _addresses(bases) != addresses:
+                _checked.pop(bases[0], None)
+                _reserved.pop(bases[0], None)
+        return out
 
 
 def projection_groups(model: nn.Module) -> list[list[nn.Module]]:
@@ -167,8 +172,10 @@ def adapter_operands(modules: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.
     operands = _operands(bases) if rows else None
     if operands is None:
         return None
-    weight, bias = operands
-    total = weight.shape[0] + rows
+    weight, bias = bases[0].weight.data, bases[0].bias.data if operands[1] is not None else None
+    total = operands[0].shape[0] + rows
+    # from .data: a tensor with its own version counter, so writing A into the reserved rows does
+    # not look like a change of the weights to a backward that saved them
     try:  # bounds-checked by torch against the packed allocation
         return (weight.as_strided((total, weight.shape[1]), weight.stride()),
                 None if bias is None else bias.as_strided((total,), bias.stride()))
@@ -214,11 +221,12 @@ def project(x: torch.Tensor, modules: Sequence[nn.Module]) -> list[torch.Tensor]
     if len(modules) == 1 and not isinstance(modules[0], LoRALinear):  # nothing to pack (o_proj, down_proj)
         return [modules[0](x)]
     bases = [_base(m) for m in modules]
-    if _needs_own_calls(modules, bases):
+    if any(b is None for b in bases) or _needs_own_calls(modules, bases):
         return [m(x) for m in modules]
     sizes = [b.out_features for b in bases]
     group = _pinned_group(modules, x)
-    fused = group.fused if group is not None else None
+    # under autocast the GEMM's output would not be in the cache's dtype
+    fused = group.fused if group is not None and not torch.is_autocast_enabled(x.device.type) else None
     operands = _operands(bases) if len(modules) > 1 or fused is not None else None
     if operands is None:
         return [m(x) for m in modules]
@@ -266,7 +274,8 @@ _GLOBAL_HOOKS = tuple(getattr(nn.modules.module, name, None) for name in (
 
 def pack_projections(model: nn.Module) -> int:
     """Packs every group of projections the model's PackedProjections modules name (the decoder's
-    q/k/v and gate/up); returns how many groups are packed. Idempotent; call it again
+    q/k/v and gate/up, and with LoRA o_proj and down_proj alone, for their adapters' rows);
+    returns how many groups are packed. Idempotent; call it again
     after anything that replaced parameter data (model.to, load_state_dict(assign=True)). A model
     sharded with FSDP is left alone: FSDP owns its parameters' storage (it frees and re-allocates
     the gathered parameters' storage at every reshard), so it returns 0."""

@@ -13,14 +13,16 @@ make no tensor that outlives the call) and is put back as it was. The engine hol
 several engines on one model are allowed (each has its own cache).
 
 LoRA: each generate call (and each CUDA graph capture) first refreshes every adapter's inference
-cache in place (lora.pinned_lora_caches: A and scaling * B in the activations' dtype, three kernels
-per adapted Linear) and pins it for the call. A graph replay runs no Python and so checks nothing:
+cache in place (lora.pinned_lora_caches: A and scaling * B in the activations' dtype; a packed
+group's stacked A in rows reserved after its weights, so its adapters add 1 kernel to its GEMM) and
+pins it for the call. A graph replay runs no Python and so checks nothing:
 this refresh is what makes the next generate after an optimizer step use the new adapter weights.
 Capture runs in eval mode too, so an engine built on a model in train mode records no LoRA dropout.
 
 Packed projections (EngineConfig.pack_projections): building an engine moves each decoder layer's
 q/k/v weights into one tensor and its gate/up weights into another (the same Parameter objects,
-values unchanged; model/packed_linear.py), so a decode step runs 2 GEMMs where it ran 5 per layer.
+values unchanged; model/packed_linear.py), so a decode step runs 2 GEMMs where it ran 5 per layer;
+with LoRA every such group, and o_proj and down_proj alone, also gets rows for its adapters' A.
 The optimizer keeps updating those tensors in place; `recapture` packs again after parameters were
 replaced.
 

@@ -233,7 +233,7 @@ def test_a_lone_adapted_projection_takes_its_a_into_the_base_gemm():
         assert _gemms(lambda: project(x, (model.plain,))) == 1
     model.o.base_layer.to(torch.float64).to(torch.float32)  # new storage: no rows reserved beside it
     with pinned_lora_caches(model), torch.no_grad():
-        assert model.o.inference_cache.group.fused is None
+        assert model.o.inference_cache.group is None  # no rows: no group cache either
         assert _gemms(lambda: project(x, (model.o,))) == 3
         torch.testing.assert_close(project(x, (model.o,))[0], expected, rtol=1e-5, atol=1e-5)
 
@@ -398,3 +398,67 @@ def test_recapture_packs_again_after_parameters_were_replaced(tmp_path):
     assert packed_operands([mlp.gate_proj, mlp.up_proj]) is None
     engine.recapture()
     assert packed_operands([mlp.gate_proj, mlp.up_proj]) is not None
+
+
+def test_a_no_op_move_or_the_cache_switched_off_keeps_the_reserved_rows(monkeypatch):
+    """model.to() to where it already is, and packing again with the inference cache off, move
+    nothing: the rows CUDA graphs captured over stay the ones each refresh writes A into."""
+    from rlpt_fast.model import lora_inference
+
+    model = QKV()
+    pack_projections(model)
+    with pinned_lora_caches(model):
+        rows = model.q.inference_cache.group.a.data_ptr()
+    weight = model.q.weight.data_ptr()
+    model.to("cpu")
+    model.float()
+    monkeypatch.setattr(lora_inference, "ENABLED", False)
+    assert pack_projections(model) == 1
+    monkeypatch.setattr(lora_inference, "ENABLED", True)
+    assert model.q.weight.data_ptr() == weight
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        model.k.lora_A.weight.add_(1.0)
+        expected = [m(x) for m in model.members]
+    with pinned_lora_caches(model), torch.no_grad():
+        assert model.q.inference_cache.group.a.data_ptr() == rows
+        for g, e in zip(project(x, model.members), expected):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_a_refresh_between_forward_and_backward_leaves_the_backward_intact():
+    """Writing A into the reserved rows is not a change of the base weights autograd saved."""
+    model = QKV()
+    model.train()
+    pack_projections(model)
+    with pinned_lora_caches(model):
+        pass
+    x = torch.randn(4, 24, requires_grad=True)
+    loss = sum(o.square().sum() for o in project(x, model.members))
+    with pinned_lora_caches(model):  # a rollout between the forward and its backward
+        pass
+    loss.backward()
+    assert x.grad is not None and model.v.lora_B.weight.grad is not None
+
+
+def test_autocast_and_unusual_linears_take_the_unfused_paths():
+    model = QKV()
+    model.eval()
+    pack_projections(model)
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        expected = [m(x) for m in model.members]
+    with pinned_lora_caches(model), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = project(x, model.members)
+    for g, e in zip(got, expected):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.float(), e, rtol=3e-2, atol=3e-2)
+
+    class Scaled(nn.Linear):  # a Linear subclass (quantized, instrumented): not packable
+        def forward(self, x):
+            return super().forward(x) * 2.0
+
+    mods = [Scaled(24, 8), nn.Linear(24, 8)]
+    with torch.no_grad():
+        out = project(x, mods)
+        torch.testing.assert_close(out[0], mods[0](x))
