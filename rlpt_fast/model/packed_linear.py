@@ -133,8 +133,10 @@ _checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _reserved: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _addresses(bases: list[nn.Linear]) -> tuple[int, ...]:
-    return tuple(p.data_ptr() for b in bases for p in (b.weight, b.bias) if p is not None)
+def _addresses(bases: list[nn.Linear]) -> tuple:
+    """Where each parameter's data lives, and as what: an _apply may keep the addresses and
+    reinterpret the dtype (the cached views would then be of the old one)."""
+    return tuple((p.data_ptr(), p.dtype, p.shape) for b in bases for p in (b.weight, b.bias) if p is not None)
 
 
 def _reservation(bases: list[nn.Linear]) -> int:

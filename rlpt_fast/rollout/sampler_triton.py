@@ -45,7 +45,8 @@ def _sample_kernel(Logits, stride_r, V, Temperature, stride_t, U, stride_u, Toke
         best = tl.maximum(best, block_best)
         scaled = x / t
         m_new = tl.maximum(m, tl.max(scaled, 0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(scaled - m_new), 0)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: exp(-inf - -inf) is NaN
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(scaled - m_safe), 0)
         m = m_new
     target = tl.load(U + row * stride_u) * s
     running = tl.zeros((), tl.float32)

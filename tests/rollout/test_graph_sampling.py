@@ -14,7 +14,7 @@ from rollout_helpers import load_ours, prompt
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rlpt_fast.rollout import Engine, Request, SamplingParams, cuda_graphs
-from rlpt_fast.rollout.sampler import RowParams, pack_samples, sample
+from rlpt_fast.rollout.sampler import RowParams, pack_samples
 
 
 class FakeGraph:
@@ -122,11 +122,12 @@ def test_graphed_engine_equals_eager_under_preemption(model, fake_graphs):
     [(0.0, 0, 1.0, 1, 0), (0.6, 0, 1.0, 2, 0), (1.0, 0, 1.0, 2, 1)],                 # greedy + scaled
     [(0.0, 0, 1.0, 1, 0), (0.9, 40, 1.0, 3, 0), (1.0, 0, 0.7, 3, 1), (1.0, 0, 1.0, 3, 2), (1.3, 3, 0.5, 4, 0)],
 ], ids=["greedy", "sampled", "greedy+scaled", "filtered+mixed"])
-def test_graph_sampler_is_the_eager_sampler_bit_for_bit(model, fake_graphs, rows):
+@pytest.mark.parametrize("backend", ["torch", "triton"])  # triton: sampler_triton in the graph
+def test_graph_sampler_is_the_eager_sampler_bit_for_bit(model, fake_graphs, rows, backend):
     """The same logits (a vocabulary of thousands, so the top-p tail rounds as on a real one) and
-    the same rows: the graph's tokens and log-probs equal `sample`'s at every step, across the
-    end of the uniform table, in a bucket larger than the batch."""
-    engine = Engine(model, **{**KW, "max_num_seqs": 16}, cuda_graphs=True)
+    the same rows: the graph's tokens and log-probs equal the backend's eager sampler's at every
+    step, across the end of the uniform table, in a bucket larger than the batch."""
+    engine = Engine(model, **{**KW, "max_num_seqs": 16, "attention_backend": backend}, cuda_graphs=True)
     graphs = engine.runner.graphs
     b, vocab = len(rows), 3000
     bucket = next(x for x in graphs.buckets if x >= b)
@@ -140,7 +141,7 @@ def test_graph_sampler_is_the_eager_sampler_bit_for_bit(model, fake_graphs, rows
         graphs.outputs[bucket][b:] = torch.randn(bucket - b, vocab, generator=gen)
         positions = [20 + step + i for i in range(b)]
         got = graphs.run(torch.zeros(4, b, dtype=torch.long), torch.zeros(b, 1, dtype=torch.int32), None, rp, positions)
-        assert torch.equal(got, pack_samples(*sample(logits, ref.at(positions)))), step
+        assert torch.equal(got, pack_samples(*engine.runner.backend.sample(logits, ref.at(positions)))), step
     assert graphs.temperature[b:].eq(1).all() and graphs.uniforms[b:].eq(0.5).all()  # harmless padding rows
 
 

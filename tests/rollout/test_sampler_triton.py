@@ -46,6 +46,26 @@ def test_draws_at_exact_quantiles_follow_the_distribution(temperature, device):
     torch.testing.assert_close(logprobs.double().cpu(), p.log()[tokens.cpu()], rtol=1e-5, atol=1e-5)
 
 
+def test_strided_rows_ties_across_blocks_and_a_masked_first_block(device):
+    """Logits as a view of a wider tensor, temperatures as a strided column, a greedy tie between
+    two blocks (the first index wins), and a row whose first block of 4096 is all -inf."""
+    gen = torch.Generator().manual_seed(4)
+    v = 9000
+    wide = (torch.randn(4, v + 100, generator=gen) * 2).to(device)
+    logits = wide[:, :v]
+    logits[0, 100] = logits[0, 5000] = logits[0].max() + 1
+    logits[2, :4096] = float("-inf")
+    st = _tensors([0.0, 1.0, 1.0, 0.7], torch.rand(4, generator=gen), device=device)
+    temps = torch.zeros(4, 2, device=device)
+    temps[:, 0] = st.temperature
+    st.temperature = temps[:, 0]
+    tokens, logprobs = sample_triton(logits, st)
+    want_tokens, want_logprobs = sample(logits, st)
+    assert tokens[0] == 100 and torch.equal(tokens, want_tokens)
+    assert torch.isfinite(logprobs).all()
+    torch.testing.assert_close(logprobs, want_logprobs, rtol=1e-5, atol=1e-5)
+
+
 def test_never_draws_a_token_without_mass(device):
     """The top uniform (and u = 1, which the hash never makes) ends in the last token with mass."""
     logits = torch.full((4, 300), float("-inf"), device=device)
