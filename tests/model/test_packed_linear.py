@@ -462,3 +462,21 @@ def test_autocast_and_unusual_linears_take_the_unfused_paths():
     with torch.no_grad():
         out = project(x, mods)
         torch.testing.assert_close(out[0], mods[0](x))
+
+
+def test_an_apply_that_keeps_addresses_but_not_the_dtype_drops_the_cached_views():
+    class Pair(PackedProjections):
+        PACKED_PROJECTIONS = (("a", "b"),)
+
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 4).half(), nn.Linear(8, 6).half()
+
+    model = Pair()
+    assert pack_projections(model) == 1
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        project(x.half(), [model.a, model.b])  # caches fp16 views
+        model._apply(lambda t: t.view(torch.bfloat16))  # same bytes, same addresses, new dtype
+        got = project(x.bfloat16(), [model.a, model.b])
+        torch.testing.assert_close(got[1], model.b(x.bfloat16()))
