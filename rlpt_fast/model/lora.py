@@ -7,8 +7,9 @@ saves as `base_model.model.model.language_model.layers.0.mlp.up_proj.lora_A.weig
 0.21 writes for the transformers model. Files (PEFT layout, merging) are in lora_io.py.
 
 Inside `pinned_lora_caches(model)` (the engine's generate and graph capture), without gradients and
-with dropout off, forward takes the cached path of lora_inference.py (3 kernels, 2 in a packed group) over a cache of the
-adapter in the activations' dtype, recomputed in place when the block starts.
+with dropout off, forward takes the cached path of lora_inference.py (3 kernels per Linear, 2 per
+packed group with reserved rows) over a cache of the adapter in the activations' dtype, recomputed
+in place when the block starts.
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """The AttentionFn the engine hands to model.forward_hidden: store new K/V, then attend.
 
 The backend (Triton kernels or their torch references) is chosen once, here, by device: the
-attention kernels and the sampler. With
-the Triton backend the function takes q and k unrotated from the decoder's fused path
-(`fuses_rotary`, model/attention.py) and rotates them in the launch that stores K/V.
+attention kernels and the sampler. With the Triton backend the function takes q and k unrotated
+from the decoder's fused path (`fuses_rotary`, model/attention.py) and rotates them in the launch
+that stores K/V.
 """
 from __future__ import annotations
 
