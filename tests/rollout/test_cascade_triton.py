@@ -108,3 +108,30 @@ def test_cascade_decode_is_two_launches_and_plain_decode_two(device):
     assert count_launches(lambda: out.setdefault("plain", decode_attention(q, k_cache, v_cache, bt, ctx, scale, splits,
                                                                            max_context))) == 2
     torch.testing.assert_close(out["plain"], want, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # the combine then reads the NaN slots left unwritten
+def test_prefix_programs_alone_write_exactly_the_grouped_rows_prefix_slots(device, monkeypatch):
+    """The one-writer rule checked without relying on program order: the partials launch run with
+    its prefix programs only (the first prefix_programs of its grid) writes every prefix slot of
+    every grouped row and none of a row without a group (a padding row the member padding names)."""
+    from rlpt_fast.rollout import cascade_attention
+
+    args, _ = cascade_case(6, 2, 2, 2, device, padding_rows=2)
+    kernel, seen = cascade_attention._cascade_partials_kernel, {}
+
+    class PrefixOnly:
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                lse, num_splits, prefix_programs = a[11], a[15], a[18]
+                lse.fill_(float("nan"))
+                kernel[(prefix_programs,)](*a, **kw)
+                seen["prefix_slots"] = lse[:, :, num_splits:].clone()
+            return launch
+
+    monkeypatch.setattr(cascade_attention, "_cascade_partials_kernel", PrefixOnly())
+    cascade_decode_attention_triton(*args)
+    slots, starts = seen["prefix_slots"].cpu(), args[5].starts.cpu()
+    grouped = starts > 0
+    assert not slots[grouped].isnan().any()   # every head and prefix split of a grouped row
+    assert slots[~grouped].isnan().all()      # untouched: the row's own split programs fill them
