@@ -22,18 +22,6 @@ TABLES = [[0, 1, 2, 10], [20, 21], [5, 14], [0, 1, 2, 11, 12], [22, 23, 24, 25],
 LENS = [14, 7, 6, 20, 15, 13, 9]
 
 
-@pytest.fixture
-def poisoned_empty(monkeypatch):
-    """torch.empty returns NaN-filled floats: a partial result read before it is written shows."""
-    empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", poisoned)
-
-
 @pytest.fixture(params=["forward", "reversed"])
 def program_order(request, monkeypatch):
     """Every interpreted launch runs its programs in this grid order."""
