@@ -27,12 +27,16 @@ def program_order(request, monkeypatch):
     """Every interpreted launch runs its programs in this grid order."""
     if request.param == "reversed":
         if torch.cuda.is_available():
-            pytest.skip("the program order is the interpreter's (a GPU runs them concurrently)")
+            pytest.skip("reversed order runs on the CPU (CI, Triton's interpreter runs programs in grid order); "
+                        "a GPU runs them concurrently: there the forward case and "
+                        "test_prefix_programs_alone_write_exactly_the_grouped_rows_prefix_slots check the rule")
         try:  # the interpreter's internals (Triton 3.6-3.8): skip, not fail, where they moved
             from triton.runtime.interpreter import interpreter_builder as builder
             set_idx, _ = builder.set_grid_idx, builder.grid_dim
         except (ImportError, AttributeError):
-            pytest.skip("this Triton's interpreter has no set_grid_idx / grid_dim to reorder programs")
+            pytest.skip("this Triton's interpreter has no set_grid_idx / grid_dim to reorder programs (CI's "
+                        "Triton 3.6-3.8 has them); test_prefix_programs_alone_write_exactly_the_grouped_rows_"
+                        "prefix_slots checks the one-writer rule on any Triton, CPU or GPU")
 
         def reversed_idx(x, y, z):
             nx, ny, nz = builder.grid_dim
