@@ -63,7 +63,12 @@ def parse_args() -> argparse.Namespace:
     w.add_argument("--rows", choices=["pair", "single"], default="single" if gpu else "pair",
                    help="pair: [reference, scene] rows (RePIC's 512 rule); single: scene-only rows (its "
                         "1024 rule: a 952-px scene gives RePIC's ~1,300-token prompts)")
-    w.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up step)")
+    w.add_argument("--steps", type=int, default=2, help="timed steps of ours (and of TRL unless --trl-steps)")
+    w.add_argument("--warmup", type=int, default=2 if gpu else 1,
+                   help="our untimed steps first: on a GPU the first compiles FlexAttention for its packed "
+                        "length and the second recompiles it for any length (their times go in the card)")
+    w.add_argument("--trl-steps", type=int, default=None,
+                   help="TRL's timed steps (default --steps), after its one warm-up step (it compiles nothing)")
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=["auto", "tiny", "3b", "7b"], default="auto",
                    help="auto: 3b on GPU (7b with --memory-7b), tiny on CPU")
@@ -74,6 +79,9 @@ def parse_args() -> argparse.Namespace:
                    help="RePIC's recipe (LoRA on lm_head too), ours only, peak memory against 80 GB; on the "
                         "7B shape on a GPU, on the tiny model on the CPU (a dry run of the GPU stage)")
     args = p.parse_args()
+    args.trl_steps = args.steps if args.trl_steps is None else args.trl_steps
+    if min(args.warmup, args.steps, args.trl_steps) < 1:
+        p.error("--warmup, --steps and --trl-steps must be at least 1")
     if args.memory_7b and args.model == "3b":
         p.error("--memory-7b runs the 7B shape (or tiny): drop --model 3b")
     if args.model == "7b" and not args.memory_7b:
@@ -234,17 +242,19 @@ def run_ours(ckpt: Path, rows_file: Path, args, out: Path, model=None) -> tuple[
     trainer = Trainer(cfg, reward_fn=toy_reward, model=model() if model else None)
     progress("ours: trainer built")
     trainer.sampling_overrides = {"ignore_eos": True}
-    steps = []
-    for i in range(args.steps + 1):
+    steps, warmup = [], []
+    for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
         m = trainer.step()
         m["time_total"] = time.perf_counter() - t0
         phases = ", ".join(f"{ph} {m['time_' + ph]:.2f}" for ph in PHASES)
         progress(f"ours: step {i} in {m['time_total']:.1f} s ({phases})")
-        if i:  # the first step warms caches and allocators
+        if i < args.warmup:  # compiles, warms caches and allocators
+            warmup.append(round(m["time_total"], 2))
+        else:
             steps.append({"total": m["time_total"], **{ph: m[f"time_{ph}"] for ph in PHASES},
                           "tokens": m["completion_length_mean"], "peak_mb": m["peak_memory_mb"]})
-    return steps, model_card_args(trainer)
+    return steps, {**model_card_args(trainer), "warmup_s": warmup}
 
 
 def model_card_args(trainer) -> dict:
@@ -299,7 +309,7 @@ def run_trl(ckpt: Path, rows: list[dict], root: Path, args, device: str, model=N
     gpu = device.startswith("cuda")
     if model is None:
         model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32, local_files_only=True)
-    n = args.steps + 1
+    n = args.trl_steps + 1
     cfg = GRPOConfig(
         output_dir=str(root / "trl"), per_device_train_batch_size=args.prompts * args.group,
         num_generations=args.group, max_completion_length=args.new_tokens, beta=0.04, learning_rate=1e-5,
@@ -358,13 +368,15 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_step_"))
     ckpt, ours_model, trl_model = build_checkpoint(kind, tmp, device, args)
     progress(f"{kind} checkpoint built")
-    world = World(tmp / "world", args, n_rows=(args.steps + 1) * args.prompts)
+    world = World(tmp / "world", args, n_rows=max(args.warmup + args.steps, args.trl_steps + 1) * args.prompts)
     # the recipe's record has its own subject: the sweep table shows the newest record per subject,
     # and the memory run (no TRL) would hide the speedup of the train stage before it
     report = Report("memory7b" if args.memory_7b else "train_step", device)
     ours, built = run_ours(ckpt, world.rows_file, args, tmp / "ours", model=ours_model)
     prompts = training_prompts(ckpt, world)
     report.card.update(model_card(kind, prompts, args, built["model"]))
+    report.card.update(ours_warmup_steps_s=built["warmup_s"], ours_timed_steps=len(ours),
+                       trl_timed_steps=0 if args.skip_trl or args.memory_7b else args.trl_steps)
     report.card.update(copy_GBps=round(ceil.copy_gbps, 1), matmul_TFLOPs=round(ceil.matmul_tflops, 2),
                        floor="phase lower bounds from the model's FLOPs and weight bytes (phase_floors)")
     floors = phase_floors(built["model"], prompts, args, ceil)
