@@ -55,6 +55,8 @@ float64 buffer (pack_samples: the host reads it in one copy, with no kernel of i
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from rlpt_fast.rollout.attention import DecodeMeta
@@ -69,7 +71,10 @@ PRECAPTURED = ((False, True, False, False), (True, False, False, False))
 
 class DecodeGraphs:
     def __init__(self, runner) -> None:
-        self.runner = runner
+        # A weak reference: the runner owns these graphs, and a strong one back would make every
+        # engine cyclic garbage, its KV cache (most of the card) alive until a full collection; the
+        # next engine in the process then measured a full card (H100, 2026-11-27).
+        self.runner = weakref.proxy(runner)
         cfg = runner.config
         dev = runner.device
         self.max_bs = cfg.max_num_seqs

@@ -9,6 +9,8 @@ max_num_seqs sequences of max_model_len could ever use.
 """
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from rlpt_fast.rollout.config import EngineConfig
@@ -32,6 +34,7 @@ def blocks_from_free_memory(model: torch.nn.Module, config: EngineConfig, block_
     """Run the largest prefill and sampling once, then give the cache what is left."""
     from rlpt_fast.model.attention import causal_attention
 
+    gc.collect()  # an engine dropped in a reference cycle would still hold its cache
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(dev)
     n = min(config.max_num_batched_tokens, config.max_model_len)
