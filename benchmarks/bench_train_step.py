@@ -251,6 +251,8 @@ def run_ours(ckpt: Path, rows_file: Path, args, out: Path, model=None) -> tuple[
         progress(f"ours: step {i} in {m['time_total']:.1f} s ({phases})")
         if i < args.warmup:  # compiles, warms caches and allocators
             warmup.append(round(m["time_total"], 2))
+            if i == args.warmup - 1:
+                print_compile_times()
         else:
             steps.append({"total": m["time_total"], **{ph: m[f"time_{ph}"] for ph in PHASES},
                           "tokens": m["completion_length_mean"], "peak_mb": m["peak_memory_mb"]})
@@ -262,6 +264,15 @@ def model_card_args(trainer) -> dict:
 
 
 _T0 = time.perf_counter()
+
+
+def print_compile_times() -> None:
+    """Where the warm-up steps' compile time went (dynamo's own per-phase table), when anything
+    was compiled: on a GPU FlexAttention and its block mask are."""
+    from torch._dynamo import utils
+
+    if getattr(utils, "compilation_time_metrics", None):  # empty: nothing compiled (the CPU)
+        progress("compile times (torch._dynamo.utils.compile_times):\n" + utils.compile_times(repr="str"))
 
 
 def progress(what: str) -> None:

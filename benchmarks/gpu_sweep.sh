@@ -56,8 +56,7 @@ stage() {  # stage NAME SECONDS CMD...
   local t0=$SECONDS
   [ $DRY = 1 ] || nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader 2>/dev/null \
     | sed "s/^/$name: GPU already in use by /"
-  # --kill-after: on 2026-11-27 the tests after a timed-out train stage found ~70 GB of the card
-  # taken (KV-cache sizing failed), as if TRL had outlived SIGTERM; a stage now ends for sure
+  # --kill-after: a stage that outlives its SIGTERM must not hold the card under the next one
   timeout --kill-after=10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
   tail -n 12 "$LOGS/$name.log" | cut -c1-400
@@ -115,7 +114,7 @@ for s in $STAGES; do
       rollout_lora) stage rollout_lora 120 $PY benchmarks/bench_rollout.py --lora 64 ;;
       decode)   stage decode 90 $PY benchmarks/bench_decode_layer.py ;;
       host)     stage host 60 $PY benchmarks/profile_host.py ;;  # 26 s on 2026-11-26, before the stubbed run
-      train)    stage train 300 $PY benchmarks/bench_train_step.py --steps 1 ;;  # TRL ~62 s a step (+1 warm-up); ours: 2 warm-up steps compile
+      train)    stage train 400 $PY benchmarks/bench_train_step.py --steps 1 ;;  # ~340 s: ours ~175 (2 compiling warm-up steps), TRL 2 x ~74
       memory7b) stage memory7b 65 $PY benchmarks/bench_train_step.py --memory-7b --steps 1 ;;
       kernels)  stage kernels 80 $PY benchmarks/bench_kernels.py --tokens 4096 16384 ;;
       model)    stage model 120 $PY benchmarks/bench_model.py --models 3b --warmup 2 --repeat 5 ;;
