@@ -42,6 +42,7 @@ import torch
 from rlpt_fast.data import Row
 from rlpt_fast.distributed import checkpointing as dist_ckpt
 from rlpt_fast.distributed.data_parallel import DataParallel
+from rlpt_fast.model.packing import default_backend
 from rlpt_fast.prompt_layout import row_prompt
 from rlpt_fast.prompts import PromptBuilder, row_rng
 from rlpt_fast.rollout import Engine, Request, SamplingParams
@@ -274,6 +275,10 @@ class Trainer:
         if self.dist.is_main:
             (self.output_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
         mon.message(self.dist.memory_plan(self.model, self.engine).table())
+        if default_backend(self.device) == "flex":  # else the first steps look hung
+            mon.message("the first two steps compile FlexAttention for the packed training forward, "
+                        "once per process (about 110 s and 20 s for a 3B model on an H100); "
+                        "RLPT_PACKED_ATTENTION=sdpa skips it")
         last, saved, first = {}, None, self.state.step + 1
         guard = StepGuard(self)  # a step that raises first saves the steps done
         try:
