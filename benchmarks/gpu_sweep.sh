@@ -9,8 +9,10 @@
 # run the sweep from there: its REVISION names the commit, and ../.whl serves for its wheels.
 # A dry run appends its CPU records to $OUT/results/, never to benchmarks/results/.
 #
-# Stages (default: all, in this order; together about 14 minutes on an H100, more than one call
-# may run: split them, e.g. `tests rollout rollout_lora decode host` then `train memory7b kernels model`):
+# Stages (default: all, in this order). Seconds on the H100 of 2026-11-27: tests 86, rollout 81,
+# decode 12, host 22, train ~340 (ours' two compiling warm-up steps, TRL's two ~74 s steps); more
+# than one call's 10 minutes in all, and a task has 15 minutes of device time with the starts: run
+# what is owed first (benchmarks/README.md, "Next device run"), the rest in a second call at once.
 #   tests        gpu-marked tests (bf16 kernels at V 151936, CUDA-graph engine, flex packing)
 #   rollout      bench_rollout: engine vs generate, 3B shape, B = 16 x G = 8
 #   rollout_lora bench_rollout --lora 64: decode step with LoRA, cached adapters vs per-call casts
