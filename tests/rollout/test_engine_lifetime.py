@@ -50,8 +50,10 @@ def test_eager_engine_is_freed_on_drop(model):
 def test_graphed_engine_is_freed_on_drop(model, monkeypatch):
     # a captured graph holds no Python reference to what it captured; neither does this stand-in
     monkeypatch.setattr(cuda_graphs.DecodeGraphs, "_record", lambda self, fn: (object(), fn()))
-    make = lambda: Engine(model, cuda_graphs=True, num_blocks=32, block_size=4, max_num_seqs=4,
-                          max_model_len=64, attention_backend="torch")
+
+    def make():
+        return Engine(model, cuda_graphs=True, num_blocks=32, block_size=4, max_num_seqs=4, max_model_len=64,
+                      attention_backend="torch")
     engine = make()
     assert engine.runner.graphs is not None and engine.runner.graphs.graphs  # captured
     del engine
