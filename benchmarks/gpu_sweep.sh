@@ -9,8 +9,10 @@
 # run the sweep from there: its REVISION names the commit, and ../.whl serves for its wheels.
 # A dry run appends its CPU records to $OUT/results/, never to benchmarks/results/.
 #
-# Stages (default: all, in this order). Seconds on the H100 of 2026-11-27: tests 86, rollout 81,
-# decode 12, host 22, train ~340 (ours' two compiling warm-up steps, TRL's two ~74 s steps); more
+# Stages (default: all, in this order). Seconds on the H100 of 2026-11-27: tests ~115 (30 tests,
+# 104 s inside pytest), rollout 81, rollout_lora 36, decode 12, host 22, train 281 (ours' two
+# compiling warm-up steps 96 + 24 s, TRL's two steps 70 + 48 s), memory7b ~60 after train (its
+# compiles then reuse inductor's on-disk cache; alone, expect train's first-step compile); more
 # than one call's 10 minutes in all, and a task has 15 minutes of device time with the starts: run
 # what is owed first (benchmarks/README.md, "Next device run"), the rest in a second call at once.
 #   tests        gpu-marked tests (bf16 kernels at V 151936, CUDA-graph engine, flex packing)
@@ -111,13 +113,13 @@ for s in $STAGES; do
     esac
   else
     case $s in
-      tests)    stage tests 120 $PY -m pytest -q -p no:cacheprovider --tb=short --durations=8 -m gpu tests ;;
+      tests)    stage tests 180 $PY -m pytest -q -p no:cacheprovider --tb=short --durations=8 -m gpu tests ;;
       rollout)  stage rollout 130 $PY benchmarks/bench_rollout.py ;;
       rollout_lora) stage rollout_lora 120 $PY benchmarks/bench_rollout.py --lora 64 ;;
       decode)   stage decode 90 $PY benchmarks/bench_decode_layer.py ;;
       host)     stage host 60 $PY benchmarks/profile_host.py ;;  # 26 s on 2026-11-26, before the stubbed run
       train)    stage train 400 $PY benchmarks/bench_train_step.py --steps 1 ;;  # ~340 s: ours ~175 (2 compiling warm-up steps), TRL 2 x ~74
-      memory7b) stage memory7b 65 $PY benchmarks/bench_train_step.py --memory-7b --steps 1 ;;
+      memory7b) stage memory7b 200 $PY benchmarks/bench_train_step.py --memory-7b --steps 1 ;;  # after train: ~60 s
       kernels)  stage kernels 80 $PY benchmarks/bench_kernels.py --tokens 4096 16384 ;;
       model)    stage model 120 $PY benchmarks/bench_model.py --models 3b --warmup 2 --repeat 5 ;;
       *) echo "unknown stage $s"; FAILED="$FAILED $s" ;;
